@@ -1,0 +1,13 @@
+"""fastvq: fast vector quantization for PyTorch (fused Triton kernels, a chunked PyTorch path).
+
+    idx, dist = fastvq.nearest_code(x, codebook)
+    zq, idx, loss = fastvq.vector_quantize(z, codebook)
+    q, idx, loss = fastvq.VectorQuantizer(dim=64, codebook_size=512)(z)
+"""
+
+from fastvq.functional import code_stats, nearest_code, vector_quantize
+from fastvq.quantizer import QuantizerOutput, VectorQuantizer
+
+__version__ = "0.1.0"
+
+__all__ = ["QuantizerOutput", "VectorQuantizer", "code_stats", "nearest_code", "vector_quantize", "__version__"]

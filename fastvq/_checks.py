@@ -1,0 +1,68 @@
+"""Argument checks shared by the functional API and the modules: clear errors, early."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float_tensor(t: object, name: str, min_dim: int = 1) -> Tensor:
+    """Raise TypeError/ValueError unless ``t`` is a floating tensor of rank >= ``min_dim``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, float16, bfloat16 or float64), got {t.dtype}"
+        )
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+    return t
+
+
+def check_codebook(codebook: object, x: Tensor, x_name: str = "x") -> Tensor:
+    """Raise unless ``codebook`` is a non-empty (K, D) float tensor matching ``x``'s D and device."""
+    check_float_tensor(codebook, "codebook")
+    if codebook.dim() != 2:
+        raise ValueError(f"codebook must be 2-D (K, D), got shape {tuple(codebook.shape)}")
+    if codebook.shape[0] == 0:
+        raise ValueError(f"codebook is empty: shape {tuple(codebook.shape)} has K = 0 codes")
+    if codebook.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"{x_name}'s last dimension must equal the codebook dimension D = {codebook.shape[1]}; "
+            f"got {x_name} shape {tuple(x.shape)} and codebook shape {tuple(codebook.shape)}"
+        )
+    if codebook.shape[1] == 0:
+        raise ValueError(f"codebook dimension D must be >= 1, got shape {tuple(codebook.shape)}")
+    if codebook.device != x.device:
+        raise ValueError(f"{x_name} is on {x.device} but codebook is on {codebook.device}; move them to one device")
+    return codebook
+
+
+def check_weight(value: object, name: str) -> float:
+    """A finite, non-negative loss weight as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return float(value)
+
+
+def check_finite_rows(per_row: Tensor, what: str) -> None:
+    """Raise ValueError if a per-row result is NaN/Inf (a non-finite input reached it).
+
+    Checked only on CPU tensors: there it costs one pass over N values; on CUDA it would force
+    a host synchronisation on every call, so it is skipped.
+    """
+    if per_row.device.type != "cpu" or per_row.numel() == 0:
+        return
+    finite = torch.isfinite(per_row)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0, 0])
+        raise ValueError(
+            f"non-finite values (NaN or Inf) in {what}: row {row} of the flattened input "
+            f"(or the code it was matched to) gives distance {per_row[row].item()}"
+        )
