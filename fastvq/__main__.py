@@ -1,0 +1,5 @@
+import sys
+
+from fastvq.cli import main
+
+sys.exit(main())
