@@ -19,6 +19,11 @@ setup(
         "torch>=2.4",
         "numpy",
         "triton; platform_system == 'Linux'",
+        # the trainer's checkpoints, progress bars, image grids and loss curves
+        "safetensors",
+        "tqdm",
+        "Pillow",
+        "matplotlib",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
