@@ -67,7 +67,9 @@ class VectorQuantizer(nn.Module):
         if isinstance(codebook_dim, bool) or not isinstance(codebook_dim, int) or codebook_dim < 1:
             raise ValueError(f"codebook_dim must be a positive int or None, got {codebook_dim!r}")
         if accept_image_fmap and channel_last:
-            raise ValueError("accept_image_fmap=True takes (B, dim, H, W) input: it cannot be combined with channel_last=True")
+            raise ValueError(
+                "accept_image_fmap=True takes (B, dim, H, W) input: it cannot be combined with channel_last=True"
+            )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not learnable_codebook:
@@ -98,7 +100,9 @@ class VectorQuantizer(nn.Module):
 
     def _to_channel_last(self, z: Tensor) -> Tensor:
         if self.accept_image_fmap and z.dim() != 4:
-            raise ValueError(f"z must be a (B, {self.dim}, H, W) feature map (accept_image_fmap=True), got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"z must be a (B, {self.dim}, H, W) feature map (accept_image_fmap=True), got shape {tuple(z.shape)}"
+            )
         if z.dim() < 2:
             raise ValueError(f"z must have a batch axis and a feature axis, got shape {tuple(z.shape)}")
         feature_axis = -1 if self.channel_last else 1
@@ -142,9 +146,13 @@ class VectorQuantizer(nn.Module):
             TypeError: non-integer indices. ValueError: indices out of [0, codebook_size).
         """
         if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"indices must be an int64/int32 tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
-        if indices.device.type == "cpu" and indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
-            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{int(indices.min())}, {int(indices.max())}]")
+            got = getattr(indices, "dtype", type(indices).__name__)
+            raise TypeError(f"indices must be an int64/int32 tensor, got {got}")
+        # Range-checked on CPU only: on CUDA the check would be a host synchronisation.
+        if indices.device.type == "cpu" and indices.numel():
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= self.codebook_size:
+                raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
         codes = self.project_out(self.embed[indices])  # (*indices.shape, dim)
         return self._from_channel_last(codes)
 
