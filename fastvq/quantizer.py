@@ -5,42 +5,85 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastvq import codebook_ema
 from fastvq._checks import check_float_tensor, check_weight
-from fastvq.functional import BACKENDS, vector_quantize
+from fastvq.distributed import all_gather_rows, broadcast_, is_distributed
+from fastvq.functional import BACKENDS, code_stats, vector_quantize
+from fastvq.kmeans import kmeans
 
 
 class QuantizerOutput(NamedTuple):
     """What every fastvq quantizer returns; unpacks like vector-quantize-pytorch's tuple."""
 
     quantized: Tensor  # same shape and layout as the input
-    indices: Tensor  # int64, the input's shape without the feature axis
+    indices: Tensor  # int64, the input's shape without the feature axis (plus a heads axis if heads > 1)
     loss: Tensor  # 0-d: codebook + commitment terms, already weighted
 
 
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def rotate_to(z: Tensor, e: Tensor) -> Tensor:
+    """The rotation trick (Fifty et al. 2024): e's value in forward, a rotation-scaling of the
+    gradient in backward.
+
+    f(z) = s R z with s = ||e|| / ||z|| and R the rotation taking z^ to e^, both held constant
+    (Householder form R = I - 2 r r^T + 2 e^ z^T, r = (z^ + e^) / ||z^ + e^||). Forward returns
+    e + (f(z) - sg(f(z))), which is e bitwise; backward gives dz = s R^T dq instead of the
+    straight-through dz = dq, so the gradient keeps the angle between z and its code.
+    """
+    with torch.no_grad():
+        z_norm = z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        e_norm = e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        u, q = z / z_norm, e / e_norm
+        r = F.normalize(u + q, dim=-1, eps=1e-12)
+        scale = e_norm / z_norm
+    rz = z - 2 * r * (r * z).sum(-1, keepdim=True) + 2 * q * (u * z).sum(-1, keepdim=True)
+    f = scale * rz
+    return e.detach() + (f - f.detach())
+
+
 class VectorQuantizer(nn.Module):
-    """Vector quantizer with a gradient-trained codebook and the VQ-VAE losses.
+    """Vector quantizer with the VQ-VAE losses, a gradient- or EMA-trained codebook.
 
     Args:
         dim: feature size of the input.
         codebook_size: number of codes K.
-        codebook_dim: size of the codes when looked up in a lower-dimensional space; the input is
-            projected in (Linear dim -> codebook_dim) and the result out again. Default: ``dim``.
+        codebook_dim: size of each code (per head); the input is projected in (Linear
+            dim -> heads * codebook_dim) and out again when that differs from ``dim``.
+            Default: dim // heads.
+        heads: split each vector into ``heads`` sub-vectors quantized separately; indices gain a
+            trailing heads axis when heads > 1. Default 1.
+        separate_codebook_per_head: one codebook per head instead of one shared. Default False.
         commitment_weight: beta of the VQ-VAE paper (weight of mean((z - sg(e))^2)). Default 0.25.
-        codebook_weight: weight of mean((sg(z) - e)^2), the term that trains the codebook. Default 1.
+        codebook_weight: weight of mean((sg(z) - e)^2). Default 1.0; forced to 0 with EMA.
+        ema_update: update codes as EMAs of the assigned vectors (not by gradient). Default False.
+        decay, eps: EMA decay (default 0.99, the paper's) and Laplace smoothing (default 1e-5).
+        learnable_codebook: train codes by gradient. Default: ``not ema_update``.
+        kmeans_init: the first training batch initialises the codebook by k-means (k-means++ seeds,
+            ``kmeans_iters`` Lloyd steps, default 10).
+        threshold_ema_dead_code: codes whose EMA usage count falls below this are replaced by
+            random vectors of the current batch (0 = never). Works with both codebook modes.
+        use_cosine_sim: l2-normalise inputs and codes (distances are then cosine distances).
+        rotation_trick: pass gradients through the rotation trick instead of straight-through.
         channel_last: features on the last axis, (B, ..., dim). False: features on axis 1,
             (B, dim, ...). Default: True, or False when ``accept_image_fmap``.
         accept_image_fmap: input is a (B, dim, H, W) feature map; indices are (B, H, W).
-        learnable_codebook: train the codebook by gradient (True, the only mode until EMA lands).
         backend: "auto" | "triton" | "torch" (see fastvq.functional).
 
-    Input ``z``: (B, ..., dim) float, or (B, dim, ...) when features are not last.
-    Output: ``QuantizerOutput(quantized, indices, loss)``.
+    Under torch.distributed (initialised, > 1 rank) EMA statistics are summed over ranks, k-means
+    runs on the gathered batch on rank 0 and is broadcast, and dead codes are replaced by rank 0's
+    vectors on every rank: ranks never diverge.
 
-    Telemetry (buffers, refreshed by every training-mode forward from the indices it already
-    has, no extra pass over the data): ``perplexity`` (exp of the entropy of code usage in the
-    batch) and ``codes_used_fraction`` (fraction of codes chosen at least once in the batch).
+    Telemetry buffers, refreshed by training forwards from the indices already at hand:
+    ``perplexity`` and ``codes_used_fraction`` of the batch, ``dead_codes`` (codes below the
+    dead-code threshold, or never used when the threshold is 0), ``ema_count`` (K,) usage EMA.
 
     Raises:
         ValueError: bad sizes or option combinations (in ``__init__``); input of the wrong shape.
@@ -52,59 +95,110 @@ class VectorQuantizer(nn.Module):
         codebook_size: int,
         *,
         codebook_dim: int | None = None,
+        heads: int = 1,
+        separate_codebook_per_head: bool = False,
         commitment_weight: float = 0.25,
         codebook_weight: float = 1.0,
+        ema_update: bool = False,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        learnable_codebook: bool | None = None,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        threshold_ema_dead_code: float = 0.0,
+        use_cosine_sim: bool = False,
+        rotation_trick: bool = False,
         channel_last: bool | None = None,
         accept_image_fmap: bool = False,
-        learnable_codebook: bool = True,
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("codebook_size", codebook_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        codebook_dim = dim if codebook_dim is None else codebook_dim
-        if isinstance(codebook_dim, bool) or not isinstance(codebook_dim, int) or codebook_dim < 1:
-            raise ValueError(f"codebook_dim must be a positive int or None, got {codebook_dim!r}")
+        self.dim = _positive_int(dim, "dim")
+        self.codebook_size = _positive_int(codebook_size, "codebook_size")
+        self.heads = _positive_int(heads, "heads")
+        if codebook_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) when codebook_dim is not given")
+            codebook_dim = dim // heads
+        self.codebook_dim = _positive_int(codebook_dim, "codebook_dim")
+        if learnable_codebook is None:
+            learnable_codebook = not ema_update
+        if ema_update and learnable_codebook:
+            raise ValueError("ema_update=True updates the codebook itself: it cannot be combined with learnable_codebook=True")
+        if not ema_update and not learnable_codebook:
+            raise ValueError("learnable_codebook=False needs ema_update=True, or the codebook would never be trained")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must lie in [0, 1), got {decay}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be an int >= 0, got {kmeans_iters!r}")
+        if threshold_ema_dead_code < 0:
+            raise ValueError(f"threshold_ema_dead_code must be >= 0, got {threshold_ema_dead_code}")
         if accept_image_fmap and channel_last:
             raise ValueError(
                 "accept_image_fmap=True takes (B, dim, H, W) input: it cannot be combined with channel_last=True"
             )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not learnable_codebook:
-            raise ValueError("learnable_codebook=False needs an EMA codebook update, which is not implemented yet")
 
-        self.dim = dim
-        self.codebook_size = codebook_size
-        self.codebook_dim = codebook_dim
         self.commitment_weight = check_weight(commitment_weight, "commitment_weight")
-        self.codebook_weight = check_weight(codebook_weight, "codebook_weight")
+        self.codebook_weight = 0.0 if ema_update else check_weight(codebook_weight, "codebook_weight")
+        self.ema_update = ema_update
+        self.decay, self.eps = float(decay), float(eps)
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.threshold_ema_dead_code = float(threshold_ema_dead_code)
+        self.use_cosine_sim, self.rotation_trick = use_cosine_sim, rotation_trick
+        self.separate_codebook_per_head = separate_codebook_per_head
         self.accept_image_fmap = accept_image_fmap
         self.channel_last = (not accept_image_fmap) if channel_last is None else channel_last
         self.backend = backend
 
-        needs_projection = codebook_dim != dim
-        self.project_in = nn.Linear(dim, codebook_dim) if needs_projection else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, dim) if needs_projection else nn.Identity()
+        inner = heads * codebook_dim
+        self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
+        self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
+        num_books = heads if separate_codebook_per_head else 1
+        shape = (num_books, codebook_size, codebook_dim) if separate_codebook_per_head else (codebook_size, codebook_dim)
         # Standard-normal init like vector-quantize-pytorch; VQ-VAE's U(-1/K, 1/K) starts every
         # code at the origin, far from typical encoder outputs, and most codes then never win.
-        self.embed = nn.Parameter(torch.randn(codebook_size, codebook_dim))
+        init = torch.randn(shape)
+        if use_cosine_sim:
+            init = F.normalize(init, dim=-1)
+        self.embed = nn.Parameter(init, requires_grad=learnable_codebook)
+        # Every code starts as if seen once at its initial value (count 1, sum = code): the EMA
+        # ratio sum / count then equals the code from the first step on, used or not.
+        self.register_buffer("ema_count", torch.ones(num_books, codebook_size))
+        self.register_buffer("ema_sum", init.reshape(num_books, codebook_size, codebook_dim).clone())
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self._initted = not kmeans_init  # Python mirror: no host sync per forward to read it
         self.register_buffer("perplexity", torch.zeros(()), persistent=False)
         self.register_buffer("codes_used_fraction", torch.zeros(()), persistent=False)
+        self.register_buffer("dead_codes", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    # -- codebook views ---------------------------------------------------------------------------
+
+    def _books(self) -> Tensor:
+        """(num_books, K, codebook_dim) view of the codebook parameter."""
+        return self.embed.view(-1, self.codebook_size, self.codebook_dim)
 
     @property
     def codebook(self) -> Tensor:
-        """(codebook_size, dim): the codes as they appear in the output (projected out if needed)."""
-        return self.project_out(self.embed)
+        """The codes as they appear in the output: (codebook_size, dim) for one head and one
+        codebook; (heads or 1, codebook_size, codebook_dim) otherwise (no projection applies)."""
+        books = self._books()
+        if self.use_cosine_sim:
+            books = F.normalize(books, dim=-1)
+        if self.heads == 1:
+            return self.project_out(books[0])
+        return books if self.separate_codebook_per_head else books[0]
+
+    # -- layouts ----------------------------------------------------------------------------------
 
     def _to_channel_last(self, z: Tensor) -> Tensor:
         if self.accept_image_fmap and z.dim() != 4:
             raise ValueError(
                 f"z must be a (B, {self.dim}, H, W) feature map (accept_image_fmap=True), got shape {tuple(z.shape)}"
             )
-        if z.dim() < 2:
-            raise ValueError(f"z must have a batch axis and a feature axis, got shape {tuple(z.shape)}")
         feature_axis = -1 if self.channel_last else 1
         if z.shape[feature_axis] != self.dim:
             layout = "(B, ..., dim)" if self.channel_last else "(B, dim, ...)"
@@ -114,51 +208,156 @@ class VectorQuantizer(nn.Module):
     def _from_channel_last(self, out: Tensor) -> Tensor:
         return out if self.channel_last else out.movedim(-1, 1)
 
+    # -- forward ----------------------------------------------------------------------------------
+
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantize ``z``; see the class docstring for layouts. Returns QuantizerOutput."""
         check_float_tensor(z, "z", min_dim=2)
-        z = self.project_in(self._to_channel_last(z))  # (B, ..., codebook_dim)
-        zq, idx, loss = vector_quantize(z, self.embed, self.commitment_weight, self.codebook_weight, self.backend)
+        z = self.project_in(self._to_channel_last(z))  # (B, ..., heads * codebook_dim)
+        lead = z.shape[:-1]
+        z = z.reshape(*lead, self.heads, self.codebook_dim)  # (B, ..., H, cd)
+        if self.use_cosine_sim:
+            z = F.normalize(z, dim=-1)
+        if self.training and not self._initted:
+            self._kmeans_init(z)
+
+        books = self._books()
+        updates_codebook = self.training and (self.ema_update or self.threshold_ema_dead_code > 0)
+        # The op saves the codebook for backward; codes updated in place below must not be that tensor.
+        op_books = books.clone() if updates_codebook else books
+        if self.use_cosine_sim:
+            op_books = F.normalize(op_books, dim=-1)
+
+        if self.separate_codebook_per_head:
+            rows = [z[..., h, :] for h in range(self.heads)]  # heads x (B, ..., cd)
+        else:
+            rows = [z]  # (B, ..., H, cd): all heads share codebook 0
+        zq_parts, idx_parts, losses = [], [], []
+        for book, x in enumerate(rows):
+            zq, idx, loss = vector_quantize(
+                x, op_books[book], self.commitment_weight, self.codebook_weight, self.backend
+            )
+            zq_parts.append(zq)
+            idx_parts.append(idx)
+            losses.append(loss)
+        if self.separate_codebook_per_head:
+            zq, idx = torch.stack(zq_parts, dim=-2), torch.stack(idx_parts, dim=-1)  # (B, ..., H, cd), (B, ..., H)
+        else:
+            zq, idx = zq_parts[0], idx_parts[0]
+        loss = torch.stack(losses).mean()  # every codebook sees the same number of elements
+        if self.rotation_trick:
+            zq = rotate_to(z, zq)
+
         if self.training:
-            self._update_usage(idx)
-        return QuantizerOutput(self._from_channel_last(self.project_out(zq)), idx, loss)
+            self._update_codebook(z.detach(), idx)
+        zq = self.project_out(zq.reshape(*lead, self.heads * self.codebook_dim))
+        if self.heads == 1:
+            idx = idx.squeeze(-1)
+        return QuantizerOutput(self._from_channel_last(zq), idx, loss)
+
+    # -- training-time state ----------------------------------------------------------------------
+
+    def _rows_per_book(self, z: Tensor, idx: Tensor | None = None):
+        """Yield (book, rows (M, cd), indices (M,) or None) for every codebook."""
+        if self.separate_codebook_per_head:
+            for h in range(self.heads):
+                yield h, z[..., h, :].reshape(-1, self.codebook_dim), None if idx is None else idx[..., h].reshape(-1)
+        else:
+            yield 0, z.reshape(-1, self.codebook_dim), None if idx is None else idx.reshape(-1)
 
     @torch.no_grad()
-    def _update_usage(self, idx: Tensor) -> None:
-        # index_add rather than bincount: bincount sizes its output from idx.max(), a host sync.
-        counts = torch.zeros(self.codebook_size, device=idx.device)
-        counts.index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), device=idx.device))
-        probs = counts / counts.sum().clamp_min(1.0)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
-        self.perplexity.copy_(entropy.exp())
-        self.codes_used_fraction.copy_((counts > 0).float().mean())
+    def _kmeans_init(self, z: Tensor) -> None:
+        metric = "cosine" if self.use_cosine_sim else "l2"
+        books = self._books()
+        for book, rows, _ in self._rows_per_book(z.detach()):
+            rows = all_gather_rows(rows.float().contiguous())
+            centroids, counts = kmeans(rows, self.codebook_size, self.kmeans_iters, metric, backend=self.backend)
+            broadcast_(centroids)
+            counts = broadcast_(counts).clamp_min(1.0)  # an empty cluster keeps its centroid as a code
+            books[book].copy_(centroids.to(books.dtype))
+            self.ema_sum[book].copy_(centroids * counts[:, None])
+            self.ema_count[book].copy_(counts)
+        self.initted.fill_(True)
+        self._initted = True
+
+    @torch.no_grad()
+    def _update_codebook(self, z: Tensor, idx: Tensor) -> None:
+        books = self._books()
+        used_fraction, perplexity, dead = [], [], []
+        for book, rows, codes in self._rows_per_book(z, idx):
+            counts, sums = code_stats(rows, codes, self.codebook_size, backend=self.backend)
+            if is_distributed():
+                codebook_ema.synced_batch_stats(counts, sums)
+            probs = counts / counts.sum().clamp_min(1.0)
+            perplexity.append(torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum()))
+            used_fraction.append((counts > 0).float().mean())
+
+            codebook_ema.ema_inplace_(self.ema_count[book], counts, self.decay)
+            if self.ema_update:
+                codebook_ema.ema_inplace_(self.ema_sum[book], sums, self.decay)
+                smoothed = codebook_ema.laplace_smoothed(self.ema_count[book], self.eps)
+                updated = self.ema_sum[book] / smoothed[:, None]
+                if self.use_cosine_sim:
+                    updated = F.normalize(updated, dim=-1)
+                books[book].copy_(updated.to(books.dtype))
+            if self.threshold_ema_dead_code > 0:
+                codebook_ema.revive_dead_codes_(
+                    books[book], self.ema_count[book], self.ema_sum[book] if self.ema_update else None,
+                    rows, self.threshold_ema_dead_code,
+                )
+                if self.use_cosine_sim:
+                    books[book].copy_(F.normalize(books[book], dim=-1))
+            threshold = self.threshold_ema_dead_code if self.threshold_ema_dead_code > 0 else 1e-3
+            dead.append((self.ema_count[book] < threshold).sum())
+        self.perplexity.copy_(torch.stack(perplexity).mean())
+        self.codes_used_fraction.copy_(torch.stack(used_fraction).mean())
+        self.dead_codes.copy_(torch.stack(dead).sum())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initted = bool(self.initted)
+
+    # -- decoding ---------------------------------------------------------------------------------
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """Quantized output for given code indices, in the forward's layout.
 
         Args:
-            indices: int64 tensor, shaped like the ``indices`` forward returns.
+            indices: int64/int32 tensor shaped like the ``indices`` forward returns
+                ((B, ...), plus a trailing heads axis when heads > 1).
 
         Returns:
-            (*indices.shape, dim) for channel-last layouts; (B, dim, ...) otherwise.
+            (B, ..., dim) for channel-last layouts; (B, dim, ...) otherwise.
 
         Raises:
-            TypeError: non-integer indices. ValueError: indices out of [0, codebook_size).
+            TypeError: non-integer indices. ValueError: wrong heads axis or indices out of range.
         """
         if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
             got = getattr(indices, "dtype", type(indices).__name__)
             raise TypeError(f"indices must be an int64/int32 tensor, got {got}")
+        if self.heads > 1 and (indices.dim() == 0 or indices.shape[-1] != self.heads):
+            raise ValueError(f"indices must end in a heads axis of size {self.heads}, got shape {tuple(indices.shape)}")
         # Range-checked on CPU only: on CUDA the check would be a host synchronisation.
         if indices.device.type == "cpu" and indices.numel():
             low, high = int(indices.min()), int(indices.max())
             if low < 0 or high >= self.codebook_size:
                 raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
-        codes = self.project_out(self.embed[indices])  # (*indices.shape, dim)
-        return self._from_channel_last(codes)
+        books = self._books()
+        if self.use_cosine_sim:
+            books = F.normalize(books, dim=-1)
+        if self.heads == 1:
+            codes = books[0][indices]  # (B, ..., cd)
+        elif self.separate_codebook_per_head:
+            head = torch.arange(self.heads, device=indices.device)
+            codes = books[head, indices].flatten(-2)  # (B, ..., H * cd)
+        else:
+            codes = books[0][indices].flatten(-2)
+        return self._from_channel_last(self.project_out(codes))
 
     def extra_repr(self) -> str:
+        mode = f"ema(decay={self.decay})" if self.ema_update else "gradient"
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
-            f"commitment_weight={self.commitment_weight}, codebook_weight={self.codebook_weight}, "
-            f"channel_last={self.channel_last}, accept_image_fmap={self.accept_image_fmap}, backend={self.backend!r}"
+            f"heads={self.heads}, codebook={mode}, commitment_weight={self.commitment_weight}, "
+            f"cosine={self.use_cosine_sim}, backend={self.backend!r}"
         )

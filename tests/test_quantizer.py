@@ -102,7 +102,12 @@ def test_state_dict_round_trip():
         (dict(dim=4, codebook_size=8, accept_image_fmap=True, channel_last=True), "accept_image_fmap"),
         (dict(dim=4, codebook_size=8, backend="cuda"), "backend must be one of"),
         (dict(dim=4, codebook_size=8, commitment_weight=-0.1), "commitment_weight"),
-        (dict(dim=4, codebook_size=8, learnable_codebook=False), "EMA"),
+        (dict(dim=4, codebook_size=8, learnable_codebook=False), "needs ema_update=True"),
+        (dict(dim=4, codebook_size=8, ema_update=True, learnable_codebook=True), "cannot be combined"),
+        (dict(dim=6, codebook_size=8, heads=4), "divisible by heads"),
+        (dict(dim=4, codebook_size=8, decay=1.0), "decay"),
+        (dict(dim=4, codebook_size=8, kmeans_iters=-1), "kmeans_iters"),
+        (dict(dim=4, codebook_size=8, threshold_ema_dead_code=-1), "threshold_ema_dead_code"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
