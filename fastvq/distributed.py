@@ -46,4 +46,4 @@ def all_gather_rows(x: Tensor) -> Tensor:
     padded[: x.shape[0]] = x
     chunks = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(chunks, padded.contiguous())
-    return torch.cat([c[:n] for c, n in zip(chunks, sizes)])
+    return torch.cat([c[:n] for c, n in zip(chunks, sizes, strict=True)])

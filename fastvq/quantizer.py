@@ -124,7 +124,9 @@ class VectorQuantizer(nn.Module):
         if learnable_codebook is None:
             learnable_codebook = not ema_update
         if ema_update and learnable_codebook:
-            raise ValueError("ema_update=True updates the codebook itself: it cannot be combined with learnable_codebook=True")
+            raise ValueError(
+                "ema_update=True updates the codebook itself: it cannot be combined with learnable_codebook=True"
+            )
         if not ema_update and not learnable_codebook:
             raise ValueError("learnable_codebook=False needs ema_update=True, or the codebook would never be trained")
         if not 0.0 <= decay < 1.0:
@@ -158,7 +160,9 @@ class VectorQuantizer(nn.Module):
         self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
         num_books = heads if separate_codebook_per_head else 1
-        shape = (num_books, codebook_size, codebook_dim) if separate_codebook_per_head else (codebook_size, codebook_dim)
+        shape = (codebook_size, codebook_dim)
+        if separate_codebook_per_head:
+            shape = (num_books, *shape)
         # Standard-normal init like vector-quantize-pytorch; VQ-VAE's U(-1/K, 1/K) starts every
         # code at the origin, far from typical encoder outputs, and most codes then never win.
         init = torch.randn(shape)
