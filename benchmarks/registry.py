@@ -43,7 +43,7 @@ SHAPES = {
 }
 CPU_GRID = ("cpu-small", "cpu-large")
 GPU_GRID = ("A", "B", "C")
-OPS = ("search", "forward", "train_step")
+OPS = ("search", "forward", "train_step", "ema_update")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -80,6 +80,33 @@ class TextbookVQ(torch.nn.Module):
         return z + (e - z).detach(), idx, loss
 
 
+class TextbookEMAVQ(torch.nn.Module):
+    """Sonnet's VectorQuantizerEMA as usually ported: dense distances, a one-hot (N, K) matrix,
+    and the per-code sums as one_hot.T @ z."""
+
+    def __init__(self, dim: int, codebook_size: int, decay: float = 0.99, eps: float = 1e-5):
+        super().__init__()
+        self.register_buffer("embed", torch.randn(codebook_size, dim))
+        self.register_buffer("count", torch.ones(codebook_size))
+        self.register_buffer("total", self.embed.clone())
+        self.decay, self.eps = decay, eps
+
+    def forward(self, z):
+        d = (z * z).sum(1, keepdim=True) + (self.embed * self.embed).sum(1) - 2 * z @ self.embed.t()  # (N, K)
+        idx = d.argmin(1)
+        one_hot = torch.nn.functional.one_hot(idx, self.embed.shape[0]).type(z.dtype)  # (N, K)
+        e = self.embed[idx]
+        if self.training:
+            with torch.no_grad():
+                self.count.mul_(self.decay).add_(one_hot.sum(0), alpha=1 - self.decay)
+                self.total.mul_(self.decay).add_(one_hot.t() @ z, alpha=1 - self.decay)
+                n = self.count.sum()
+                smoothed = (self.count + self.eps) / (n + self.embed.shape[0] * self.eps) * n
+                self.embed.copy_(self.total / smoothed[:, None])
+        loss = 0.25 * ((e.detach() - z) ** 2).mean()
+        return z + (e - z).detach(), idx, loss
+
+
 def _vqtorch_layer(shape: Shape):
     try:
         from vector_quantize_pytorch import VectorQuantize
@@ -89,13 +116,14 @@ def _vqtorch_layer(shape: Shape):
     return VectorQuantize(dim=shape.d, codebook_size=shape.k)
 
 
-def _layer(provider: str, shape: Shape):
+def _layer(op: str, provider: str, shape: Shape):
+    ema = op == "ema_update"
     if provider == "textbook":
-        return TextbookVQ(shape.d, shape.k)
+        return TextbookEMAVQ(shape.d, shape.k) if ema else TextbookVQ(shape.d, shape.k)
     if provider == "vector-quantize-pytorch":
-        return _vqtorch_layer(shape)
+        return _vqtorch_layer(shape)  # its default codebook is EMA-updated in every case
     backend = {"fastvq-torch": "torch", "fastvq-triton": "triton"}[provider]
-    return fastvq.VectorQuantizer(dim=shape.d, codebook_size=shape.k, backend=backend)
+    return fastvq.VectorQuantizer(dim=shape.d, codebook_size=shape.k, ema_update=ema, backend=backend)
 
 
 def _check_triton(device: str) -> None:
@@ -109,10 +137,11 @@ PROVIDERS = {
     "search": ("gemm-floor", "gemm-compute", "naive-cdist", "naive-addmm", "fastvq-torch", "fastvq-triton"),
     "forward": ("textbook", "vector-quantize-pytorch", "fastvq-torch", "fastvq-triton"),
     "train_step": ("textbook", "vector-quantize-pytorch", "fastvq-torch", "fastvq-triton"),
+    "ema_update": ("textbook", "vector-quantize-pytorch", "fastvq-torch", "fastvq-triton"),
 }
 # The provider each row's speed-up is measured against.
 GEMM_PROVIDERS = ("gemm-floor", "gemm-compute")
-BASELINE = {"search": "naive-cdist", "forward": "textbook", "train_step": "textbook"}
+BASELINE = {"search": "naive-cdist", "forward": "textbook", "train_step": "textbook", "ema_update": "textbook"}
 
 
 def build(op: str, provider: str, shape: Shape, dtype: torch.dtype, device: str) -> Callable[[], object]:
@@ -135,10 +164,16 @@ def build(op: str, provider: str, shape: Shape, dtype: torch.dtype, device: str)
         return lambda: fastvq.nearest_code(x, codebook, backend=backend)
 
     # Layers run as in training: train mode, an input that requires grad (an encoder's output).
-    layer = _layer(provider, shape).to(device=device, dtype=dtype).train()
+    layer = _layer(op, provider, shape).to(device=device, dtype=dtype).train()
     z = x.clone().requires_grad_(True)
     if op == "forward":
         return lambda: layer(z)
+    if op == "ema_update":  # a training forward of an EMA codebook: search, loss, statistics, update
+        def ema_step():
+            with torch.no_grad():
+                return layer(x)
+
+        return ema_step
 
     def train_step():
         z.grad = None
