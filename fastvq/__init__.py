@@ -5,9 +5,22 @@
     q, idx, loss = fastvq.VectorQuantizer(dim=64, codebook_size=512)(z)
 """
 
+from fastvq.fsq import FSQ
 from fastvq.functional import code_stats, nearest_code, vector_quantize
+from fastvq.lfq import LFQ
 from fastvq.quantizer import QuantizerOutput, VectorQuantizer
+from fastvq.residual import ResidualVQ
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantizerOutput", "VectorQuantizer", "code_stats", "nearest_code", "vector_quantize", "__version__"]
+__all__ = [
+    "FSQ",
+    "LFQ",
+    "QuantizerOutput",
+    "ResidualVQ",
+    "VectorQuantizer",
+    "__version__",
+    "code_stats",
+    "nearest_code",
+    "vector_quantize",
+]

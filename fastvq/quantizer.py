@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from fastvq import codebook_ema
 from fastvq._checks import check_float_tensor, check_weight
+from fastvq._layout import from_channel_last, resolve_channel_last, to_channel_last
 from fastvq.distributed import all_gather_rows, broadcast_, is_distributed
 from fastvq.functional import BACKENDS, code_stats, vector_quantize
 from fastvq.kmeans import kmeans
@@ -137,10 +138,6 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"kmeans_iters must be an int >= 0, got {kmeans_iters!r}")
         if threshold_ema_dead_code < 0:
             raise ValueError(f"threshold_ema_dead_code must be >= 0, got {threshold_ema_dead_code}")
-        if accept_image_fmap and channel_last:
-            raise ValueError(
-                "accept_image_fmap=True takes (B, dim, H, W) input: it cannot be combined with channel_last=True"
-            )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -153,7 +150,7 @@ class VectorQuantizer(nn.Module):
         self.use_cosine_sim, self.rotation_trick = use_cosine_sim, rotation_trick
         self.separate_codebook_per_head = separate_codebook_per_head
         self.accept_image_fmap = accept_image_fmap
-        self.channel_last = (not accept_image_fmap) if channel_last is None else channel_last
+        self.channel_last = resolve_channel_last(channel_last, accept_image_fmap)
         self.backend = backend
 
         inner = heads * codebook_dim
@@ -199,18 +196,10 @@ class VectorQuantizer(nn.Module):
     # -- layouts ----------------------------------------------------------------------------------
 
     def _to_channel_last(self, z: Tensor) -> Tensor:
-        if self.accept_image_fmap and z.dim() != 4:
-            raise ValueError(
-                f"z must be a (B, {self.dim}, H, W) feature map (accept_image_fmap=True), got shape {tuple(z.shape)}"
-            )
-        feature_axis = -1 if self.channel_last else 1
-        if z.shape[feature_axis] != self.dim:
-            layout = "(B, ..., dim)" if self.channel_last else "(B, dim, ...)"
-            raise ValueError(f"z must be {layout} with dim = {self.dim}, got shape {tuple(z.shape)}")
-        return z if self.channel_last else z.movedim(1, -1)
+        return to_channel_last(z, self.dim, self.channel_last, self.accept_image_fmap)
 
     def _from_channel_last(self, out: Tensor) -> Tensor:
-        return out if self.channel_last else out.movedim(-1, 1)
+        return from_channel_last(out, self.channel_last)
 
     # -- forward ----------------------------------------------------------------------------------
 

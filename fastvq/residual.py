@@ -1,0 +1,241 @@
+"""ResidualVQ: residual vector quantization (SoundStream, Zeghidour et al. 2021, Algorithm 1).
+
+A stack of ``fastvq.VectorQuantizer`` stages; stage 0 quantizes the input, stage q quantizes what
+the stages before it left over, and the output is the sum of the stages' codes:
+
+    r_0 = x;   e_q = VQ_q(r_q);   r_{q+1} = r_q - sg(e_q);   quantized = sum_q e_q
+
+Gradients. Each stage's loss (codebook + commitment) sees its own residual r_q, which depends on
+x with Jacobian I (the earlier codes are detached), so every stage's commitment term reaches the
+encoder. The output carries ONE straight-through estimator for the whole sum: d quantized / d x = I,
+as for a single VectorQuantizer and in SoundStream / EnCodec (or, with ``rotation_trick=True``, one
+rotation-trick estimator from x to the sum). vector-quantize-pytorch, whose residual is also
+detached, sums the stages' straight-through outputs, so its gradient to x is
+(number of active stages) x I.
+
+Quantize dropout (SoundStream's bitrate scalability): in training, each forward keeps stages
+0..j and drops the rest, j drawn uniformly from [quantize_dropout_cutoff_index, num_quantizers - 1]
+(one draw per batch, from ``generator`` or torch's global CPU generator, so it is reproducible
+under a seed). Dropped stages do not run, contribute nothing to quantized or loss, and get index -1.
+In eval mode every stage runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastvq._checks import check_float_tensor
+from fastvq._layout import from_channel_last, resolve_channel_last, to_channel_last
+from fastvq.quantizer import QuantizerOutput, VectorQuantizer, rotate_to
+
+# VectorQuantizer options whose state or updates belong to one stage: with one codebook shared by
+# all stages they would update it once per stage per step (EMA statistics, k-means initialisation,
+# dead-code revival), which the shared mode does not implement.
+_PER_STAGE_CODEBOOK_UPDATES = {
+    "ema_update": lambda v: bool(v),
+    "learnable_codebook": lambda v: v is False,
+    "kmeans_init": lambda v: bool(v),
+    "threshold_ema_dead_code": lambda v: v > 0,
+}
+
+
+def _check_int(value: object, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+class ResidualVQ(nn.Module):
+    """Residual vector quantizer: ``num_quantizers`` VectorQuantizer stages on successive residuals.
+
+    Args:
+        dim: feature size of the input.
+        codebook_size: number of codes K of every stage.
+        num_quantizers: number of stages Q >= 1.
+        shared_codebook: all stages use one codebook parameter (``layers[0].embed``). Only with
+            gradient-trained codebooks (no EMA / k-means init / dead-code revival options). Default False.
+        quantize_dropout: in training, drop a random number of trailing stages per batch (module
+            docstring). Default False.
+        quantize_dropout_cutoff_index: the last kept stage is never before this one, so at least
+            ``cutoff + 1`` stages always run. In [0, num_quantizers - 1]. Default 0.
+        codebook_dim: residual (code) space size; other than ``dim`` adds ``project_in`` /
+            ``project_out`` around the whole stack (the stages themselves have no projections).
+        rotation_trick: the output's gradient to x by the rotation trick (``fastvq.quantizer.rotate_to``
+            from x to the sum of the codes) instead of straight-through. Default False.
+        channel_last, accept_image_fmap: input layouts, as VectorQuantizer. The stack converts once
+            and runs its stages channel-last.
+        **vq_kwargs: passed to every stage's ``VectorQuantizer`` (commitment_weight, codebook_weight,
+            ema_update, decay, kmeans_init, threshold_ema_dead_code, use_cosine_sim, backend, ...);
+            ``heads`` must be 1 (a heads axis would clash with the stage axis of the indices).
+
+    Input ``z``: (B, ..., dim) float, or (B, dim, ...) when features are not last.
+    Output: ``QuantizerOutput(quantized, indices, loss)``: quantized has z's shape (sum of the active
+    stages' codes, projected out if needed); indices int64 (..., num_quantizers), z's shape minus
+    the feature axis plus a trailing stage axis (-1 for dropped stages; for image feature maps
+    (B, H, W, num_quantizers)); loss 0-d, the sum of the active stages' losses.
+
+    ``last_losses``: (num_quantizers,) the per-stage losses of the last forward, detached (for
+    logging; 0 for dropped stages). vector-quantize-pytorch returns these per-stage losses as the
+    third output instead of their sum.
+
+    Raises:
+        ValueError: bad sizes or option combinations (in ``__init__``, including the stages'
+        own checks); input of the wrong shape.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        num_quantizers: int,
+        *,
+        shared_codebook: bool = False,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        codebook_dim: int | None = None,
+        rotation_trick: bool = False,
+        channel_last: bool | None = None,
+        accept_image_fmap: bool = False,
+        **vq_kwargs,
+    ) -> None:
+        super().__init__()
+        _check_int(dim, "dim", 1)
+        _check_int(codebook_size, "codebook_size", 1)
+        _check_int(num_quantizers, "num_quantizers", 1)
+        _check_int(quantize_dropout_cutoff_index, "quantize_dropout_cutoff_index", 0)
+        if quantize_dropout_cutoff_index >= num_quantizers:
+            raise ValueError(
+                f"quantize_dropout_cutoff_index must be < num_quantizers = {num_quantizers}, "
+                f"got {quantize_dropout_cutoff_index}"
+            )
+        codebook_dim = dim if codebook_dim is None else codebook_dim
+        _check_int(codebook_dim, "codebook_dim", 1)
+        if vq_kwargs.get("heads", 1) != 1:
+            raise ValueError(f"ResidualVQ supports heads=1 only, got heads={vq_kwargs['heads']!r}")
+        if shared_codebook:
+            for name, conflicts in _PER_STAGE_CODEBOOK_UPDATES.items():
+                if name in vq_kwargs and conflicts(vq_kwargs[name]):
+                    raise ValueError(
+                        f"shared_codebook=True supports gradient-trained codebooks only, got {name}={vq_kwargs[name]!r}"
+                    )
+
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.num_quantizers = num_quantizers
+        self.codebook_dim = codebook_dim
+        self.shared_codebook = bool(shared_codebook)
+        self.quantize_dropout = bool(quantize_dropout)
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.rotation_trick = bool(rotation_trick)
+        self.accept_image_fmap = accept_image_fmap
+        self.channel_last = resolve_channel_last(channel_last, accept_image_fmap)
+
+        needs_projection = codebook_dim != dim
+        self.project_in = nn.Linear(dim, codebook_dim) if needs_projection else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, dim) if needs_projection else nn.Identity()
+        self.layers = nn.ModuleList(
+            VectorQuantizer(codebook_dim, codebook_size, **vq_kwargs) for _ in range(num_quantizers)
+        )
+        if shared_codebook:
+            first = self.layers[0]
+            if not isinstance(first.embed, nn.Parameter) or getattr(first, "ema_update", False):
+                raise ValueError("shared_codebook=True needs stages with a gradient-trained codebook parameter")
+            for layer in self.layers[1:]:
+                layer.embed = first.embed  # one Parameter, registered under every stage
+        self.register_buffer("last_losses", torch.zeros(num_quantizers), persistent=False)
+
+    @property
+    def codebooks(self) -> Tensor:
+        """(num_quantizers, codebook_size, codebook_dim): each stage's codes in the residual space."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def _active_stages(self, generator: torch.Generator | None) -> int:
+        if not (self.training and self.quantize_dropout):
+            return self.num_quantizers
+        # One CPU draw per batch: no device synchronisation, reproducible under a seed.
+        last = torch.randint(self.quantize_dropout_cutoff_index, self.num_quantizers, (), generator=generator)
+        return int(last) + 1
+
+    def forward(self, z: Tensor, *, generator: torch.Generator | None = None) -> QuantizerOutput:
+        """Quantize ``z``; see the class docstring for layouts and outputs.
+
+        Args:
+            z: (B, ..., dim) float tensor (or the layout set by channel_last / accept_image_fmap).
+            generator: CPU torch.Generator for the quantize-dropout draw; default torch's global one.
+
+        Returns:
+            QuantizerOutput(quantized, indices (..., num_quantizers), loss (0-d)).
+        """
+        check_float_tensor(z, "z", min_dim=2)
+        x = self.project_in(to_channel_last(z, self.dim, self.channel_last, self.accept_image_fmap))
+        active = self._active_stages(generator)
+
+        residual = x
+        quantized = None
+        indices, losses = [], []
+        for layer in self.layers[:active]:
+            e, idx, loss = layer(residual)
+            e = e.detach()  # the stage's gradient reaches x through its loss; the output has one STE
+            residual = residual - e
+            quantized = e if quantized is None else quantized + e
+            indices.append(idx)
+            losses.append(loss)
+
+        # One estimator for the sum: exactly the sum of the codes in value; identity gradient
+        # (straight-through) or the rotation trick's.
+        if self.rotation_trick:
+            quantized = rotate_to(x, quantized)
+        else:
+            quantized = quantized + (x - x.detach()).to(quantized.dtype)
+        dropped = self.num_quantizers - active
+        if dropped:
+            indices.extend(torch.full_like(indices[0], -1) for _ in range(dropped))
+        stage_losses = torch.stack(losses)  # (active,)
+        with torch.no_grad():
+            self.last_losses.zero_()
+            self.last_losses[:active] = stage_losses.detach().to(self.last_losses.dtype)
+        out = self.project_out(quantized)
+        return QuantizerOutput(from_channel_last(out, self.channel_last), torch.stack(indices, -1), stage_losses.sum())
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """Decode stage indices back to the quantized output, in the forward's layout.
+
+        Args:
+            indices: int64 (..., Q') with Q' <= num_quantizers, as forward returns (or its first Q'
+                stages); -1 entries (dropped stages) and missing trailing stages contribute nothing.
+
+        Returns:
+            (..., dim) for channel-last layouts, (B, dim, ...) otherwise.
+
+        Raises:
+            TypeError: non-integer indices. ValueError: bad stage axis or out-of-range values (CPU only).
+        """
+        if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
+            got = getattr(indices, "dtype", type(indices).__name__)
+            raise TypeError(f"indices must be an int64/int32 tensor, got {got}")
+        if indices.dim() < 1 or not 1 <= indices.shape[-1] <= self.num_quantizers:
+            raise ValueError(
+                f"indices must be (..., Q) with 1 <= Q <= num_quantizers = {self.num_quantizers}, "
+                f"got shape {tuple(indices.shape)}"
+            )
+        if indices.device.type == "cpu" and indices.numel():
+            low, high = int(indices.min()), int(indices.max())
+            if low < -1 or high >= self.codebook_size:
+                raise ValueError(f"indices must lie in [-1, {self.codebook_size}), got values in [{low}, {high}]")
+        quantized = None
+        for layer, idx in zip(self.layers, indices.unbind(-1), strict=False):  # Q' <= Q stages
+            kept = idx >= 0
+            codes = layer.get_output_from_indices(idx.clamp_min(0))  # stages are channel-last
+            codes = torch.where(kept.unsqueeze(-1), codes, torch.zeros((), dtype=codes.dtype, device=codes.device))
+            quantized = codes if quantized is None else quantized + codes
+        return from_channel_last(self.project_out(quantized), self.channel_last)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, codebook_size={self.codebook_size}, num_quantizers={self.num_quantizers}, "
+            f"codebook_dim={self.codebook_dim}, shared_codebook={self.shared_codebook}, "
+            f"quantize_dropout={self.quantize_dropout}, "
+            f"quantize_dropout_cutoff_index={self.quantize_dropout_cutoff_index}, "
+            f"rotation_trick={self.rotation_trick}, channel_last={self.channel_last}"
+        )
