@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-
 from fastvq.benchmarks.registry import DTYPES, PROVIDERS, SHAPES, Unavailable, build
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

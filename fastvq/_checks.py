@@ -66,3 +66,23 @@ def check_finite_rows(per_row: Tensor, what: str) -> None:
             f"non-finite values (NaN or Inf) in {what}: row {row} of the flattened input "
             f"(or the code it was matched to) gives distance {per_row[row].item()}"
         )
+
+
+def check_indices(indices: object, num_codes: int, name: str = "indices", low: int = 0) -> Tensor:
+    """Raise unless ``indices`` is an int64/int32 tensor with values in [low, num_codes).
+
+    The range is checked on CPU tensors only: on CUDA it would be a host synchronisation.
+    """
+    if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
+        got = getattr(indices, "dtype", type(indices).__name__)
+        raise TypeError(f"{name} must be an int64/int32 tensor, got {got}")
+    if indices.device.type == "cpu" and indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < low or hi >= num_codes:
+            raise ValueError(f"{name} must lie in [{low}, {num_codes}), got values in [{lo}, {hi}]")
+    return indices
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 data, fp64 for fp64: the precision elementwise maths runs in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

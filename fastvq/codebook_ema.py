@@ -27,10 +27,9 @@ def laplace_smoothed(counts: Tensor, eps: float) -> Tensor:
     return (counts + eps) / (total + counts.shape[-1] * eps) * total
 
 
-def synced_batch_stats(counts: Tensor, sums: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum per-code counts (K,) and sums (K, D) over ranks (no-op without torch.distributed)."""
-    all_reduce_sum_(counts, sums)
-    return counts, sums
+def synced_batch_stats(*stats: Tensor) -> None:
+    """Sum per-code statistics (counts (K,), sums (K, D)) over ranks in place; no-op in one process."""
+    all_reduce_sum_(*stats)
 
 
 def revive_dead_codes_(
@@ -49,8 +48,12 @@ def revive_dead_codes_(
     """
     num_codes = codebook.shape[0]
     dead = ema_count < threshold  # (K,)
-    pick = torch.randint(0, batch.shape[0], (num_codes,), device=batch.device)
-    candidates = broadcast_(batch[pick].to(codebook.dtype).contiguous())  # (K, D)
+    if batch.shape[0] > 0:  # a static shape: no host sync
+        pick = torch.randint(0, batch.shape[0], (num_codes,), device=batch.device)
+        candidates = batch[pick].to(codebook.dtype).contiguous()  # (K, D)
+    else:  # an empty batch on this rank: rank 0's broadcast decides (or nothing changes)
+        candidates = codebook.clone()
+    candidates = broadcast_(candidates)
     codebook.copy_(torch.where(dead[:, None], candidates, codebook))
     ema_count.copy_(torch.where(dead, torch.full_like(ema_count, threshold), ema_count))
     if ema_sum is not None:

@@ -31,17 +31,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fastvq._checks import check_float_tensor
+from fastvq._checks import check_float_tensor, check_indices, compute_dtype
 from fastvq._layout import from_channel_last, resolve_channel_last, to_channel_last
 from fastvq.quantizer import QuantizerOutput
 
 _EPS = 1e-3
 _MAX_IMPLICIT_CODEBOOK = 2**24
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp16/bf16 cannot hold k / (L // 2) exactly nor round near a level boundary reliably: quantize in fp32.
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class FSQ(nn.Module):
@@ -149,7 +144,7 @@ class FSQ(nn.Module):
             codes: (..., len(levels)) in the compute dtype, on the level grid, with a straight-through
                 gradient for the rounding. level_indices: int64 (..., len(levels)), k_i in [0, L_i).
         """
-        z = z.to(_compute_dtype(z.dtype))
+        z = z.to(compute_dtype(z.dtype))
         position = self._level_position(z)
         # floor(x + 0.5): half-up rounding, the same rule in both modes; clamp guards the extreme
         # levels against rounding of tanh near +-1 (for the default bound only for huge L).
@@ -167,7 +162,7 @@ class FSQ(nn.Module):
         codes, k = self.quantize(h)  # (B, ..., d), (B, ..., d)
         indices = (k * self._basis).sum(dim=-1)  # (B, ...)
         out = self.project_out(codes.to(h.dtype)).to(in_dtype)
-        loss = torch.zeros((), dtype=_compute_dtype(in_dtype), device=z.device)
+        loss = torch.zeros((), dtype=compute_dtype(in_dtype), device=z.device)
         return QuantizerOutput(from_channel_last(out, self.channel_last), indices, loss)
 
     # ------------------------------------------------------------------------------------------
@@ -189,7 +184,7 @@ class FSQ(nn.Module):
         check_float_tensor(codes, "codes")
         if codes.shape[-1] != self.codebook_dim:
             raise ValueError(f"codes must be (..., {self.codebook_dim}), got shape {tuple(codes.shape)}")
-        c = codes.to(_compute_dtype(codes.dtype))
+        c = codes.to(compute_dtype(codes.dtype))
         center, half_width = self._grid(c.dtype)
         k = torch.round(c * half_width + center)
         k = k.clamp(min=0).minimum(self._levels.to(c.dtype) - 1).long()
@@ -246,14 +241,7 @@ class FSQ(nn.Module):
         return self.project_out(self.implicit_codebook)
 
     def _check_indices(self, indices: Tensor) -> None:
-        if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
-            got = getattr(indices, "dtype", type(indices).__name__)
-            raise TypeError(f"indices must be an int64/int32 tensor, got {got}")
-        # Range-checked on CPU only: on CUDA the check would be a host synchronisation.
-        if indices.device.type == "cpu" and indices.numel():
-            low, high = int(indices.min()), int(indices.max())
-            if low < 0 or high >= self.codebook_size:
-                raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
+        check_indices(indices, self.codebook_size)
 
     def extra_repr(self) -> str:
         return (

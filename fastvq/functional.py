@@ -88,8 +88,9 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", backend: str =
 
     Returns:
         idx: int64, shape ``x.shape[:-1]``; exact ties go to the lowest index (torch.argmin).
-        dist: float32 (float64 for fp64 inputs), shape ``x.shape[:-1]``: the distance to the
-            chosen code, computed from the difference, not from the expanded dot product.
+        dist: float32, shape ``x.shape[:-1]``: the distance to the chosen code, computed from the
+            difference, not from the expanded dot product (fp64 inputs are computed in fp64).
+            Both outputs carry no gradient: use ``vector_quantize`` for a differentiable loss.
 
     Raises:
         TypeError: non-tensor or non-float inputs.
@@ -104,7 +105,7 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", backend: str =
     resolved = resolve_backend(backend, x, codebook)
     lead = x.shape[:-1]
     idx, dist = _nearest_code_op(x.reshape(-1, x.shape[-1]), codebook, metric, resolved)
-    return idx.reshape(lead), dist.reshape(lead)
+    return idx.reshape(lead), dist.detach().to(torch.float32).reshape(lead)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ def kmeans_plusplus(x: Tensor, num_codes: int, generator: torch.Generator | None
         raise ValueError(f"x must be (N, D) with N >= 1, got shape {tuple(x.shape)}")
     x = x.float()
     n = x.shape[0]
-    first = torch.randint(0, n, (1,), generator=generator, device="cpu").to(x.device)
+    # Draws happen on x's device (a CPU generator for CPU data, a CUDA one for CUDA data):
+    # no host round trip per seed.
+    first = torch.randint(0, n, (1,), generator=generator, device=x.device)
     seeds = [x[first]]
     # Squared distance of every row to its nearest seed so far, updated one seed at a time: O(N K D).
     nearest_sq = ((x - seeds[0]) ** 2).sum(1)
@@ -31,7 +33,7 @@ def kmeans_plusplus(x: Tensor, num_codes: int, generator: torch.Generator | None
         total = nearest_sq.sum()
         # All rows already coincide with seeds (N < K or duplicates): fall back to uniform picks.
         probs = torch.where(total > 0, nearest_sq / total.clamp_min(1e-30), torch.full_like(nearest_sq, 1.0 / n))
-        pick = torch.multinomial(probs.cpu(), 1, generator=generator).to(x.device)
+        pick = torch.multinomial(probs, 1, generator=generator)
         seed = x[pick]
         seeds.append(seed)
         nearest_sq = torch.minimum(nearest_sq, ((x - seed) ** 2).sum(1))

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastvq._checks import check_float_tensor, check_weight
+from fastvq._checks import check_float_tensor, check_indices, check_weight, compute_dtype
 from fastvq._layout import from_channel_last, resolve_channel_last, to_channel_last
 from fastvq.quantizer import QuantizerOutput
 
@@ -55,11 +55,6 @@ class LossBreakdown(NamedTuple):
     per_sample_entropy: Tensor  # 0-d, nats
     batch_entropy: Tensor  # 0-d, nats: exact, or the factorised upper bound for large d
     commitment: Tensor  # 0-d, mean((x - sg(q))^2)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Sign and entropy terms in fp32 for fp16/bf16 input (sigmoid tails and logs underflow in bf16).
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _xlogx(p: Tensor) -> Tensor:
@@ -239,7 +234,7 @@ class LFQ(nn.Module):
         check_float_tensor(z, "z", min_dim=2)
         in_dtype = z.dtype
         h = self.project_in(to_channel_last(z, self.dim, self.channel_last, self.accept_image_fmap))
-        x = h.to(_compute_dtype(h.dtype))  # (B, ..., d)
+        x = h.to(compute_dtype(h.dtype))  # (B, ..., d)
         positive = x > 0
         s = self.codebook_scale
         q = torch.where(positive, x.new_tensor(s), x.new_tensor(-s))
@@ -320,14 +315,7 @@ class LFQ(nn.Module):
         return self.project_out(self.implicit_codebook)
 
     def _check_indices(self, indices: Tensor) -> None:
-        if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
-            got = getattr(indices, "dtype", type(indices).__name__)
-            raise TypeError(f"indices must be an int64/int32 tensor, got {got}")
-        # Range-checked on CPU only: on CUDA the check would be a host synchronisation.
-        if indices.device.type == "cpu" and indices.numel():
-            low, high = int(indices.min()), int(indices.max())
-            if low < 0 or high >= self.codebook_size:
-                raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
+        check_indices(indices, self.codebook_size)
 
     def extra_repr(self) -> str:
         return (

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from fastvq import codebook_ema
 from fastvq._checks import check_float_tensor, check_weight
 from fastvq._layout import from_channel_last, resolve_channel_last, to_channel_last
-from fastvq.distributed import all_gather_rows, broadcast_, is_distributed
+from fastvq.distributed import all_gather_rows, broadcast_
 from fastvq.functional import BACKENDS, code_stats, vector_quantize
 from fastvq.kmeans import kmeans
 
@@ -63,7 +63,8 @@ class VectorQuantizer(nn.Module):
             trailing heads axis when heads > 1. Default 1.
         separate_codebook_per_head: one codebook per head instead of one shared. Default False.
         commitment_weight: beta of the VQ-VAE paper (weight of mean((z - sg(e))^2)). Default 0.25.
-        codebook_weight: weight of mean((sg(z) - e)^2). Default 1.0; forced to 0 with EMA.
+        codebook_weight: weight of mean((sg(z) - e)^2). Default 1.0, and 0 with ``ema_update``
+            (where a non-zero value is a ValueError: the EMA, not a gradient, moves the codes).
         ema_update: update codes as EMAs of the assigned vectors (not by gradient). Default False.
         decay, eps: EMA decay (default 0.99, the paper's) and Laplace smoothing (default 1e-5).
         learnable_codebook: train codes by gradient. Default: ``not ema_update``.
@@ -78,13 +79,15 @@ class VectorQuantizer(nn.Module):
         accept_image_fmap: input is a (B, dim, H, W) feature map; indices are (B, H, W).
         backend: "auto" | "triton" | "torch" (see fastvq.functional).
 
-    Under torch.distributed (initialised, > 1 rank) EMA statistics are summed over ranks, k-means
-    runs on the gathered batch on rank 0 and is broadcast, and dead codes are replaced by rank 0's
-    vectors on every rank: ranks never diverge.
+    Under torch.distributed (initialised, > 1 rank) EMA statistics and usage counts are summed
+    over ranks, k-means runs on the gathered first batch and rank 0's result is broadcast, and dead
+    codes are replaced by rank 0's vectors on every rank: ranks never diverge. Every rank must
+    run every training forward (they are collectives).
 
     Telemetry buffers, refreshed by training forwards from the indices already at hand:
-    ``perplexity`` and ``codes_used_fraction`` of the batch, ``dead_codes`` (codes below the
-    dead-code threshold, or never used when the threshold is 0), ``ema_count`` (K,) usage EMA.
+    ``perplexity`` and ``codes_used_fraction`` of the batch, ``dead_codes`` (codes revived in
+    this forward, or with a vanished usage EMA when there is no threshold), ``ema_count`` (K,)
+    usage EMA (kept in fp32 whatever the module's dtype, as is ``ema_sum``).
 
     Raises:
         ValueError: bad sizes or option combinations (in ``__init__``); input of the wrong shape.
@@ -99,7 +102,7 @@ class VectorQuantizer(nn.Module):
         heads: int = 1,
         separate_codebook_per_head: bool = False,
         commitment_weight: float = 0.25,
-        codebook_weight: float = 1.0,
+        codebook_weight: float | None = None,
         ema_update: bool = False,
         decay: float = 0.99,
         eps: float = 1e-5,
@@ -130,6 +133,8 @@ class VectorQuantizer(nn.Module):
             )
         if not ema_update and not learnable_codebook:
             raise ValueError("learnable_codebook=False needs ema_update=True, or the codebook would never be trained")
+        if ema_update and codebook_weight:
+            raise ValueError(f"codebook_weight must be 0 (or None) with ema_update=True, got {codebook_weight}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must lie in [0, 1), got {decay}")
         if not eps > 0:
@@ -142,7 +147,9 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
         self.commitment_weight = check_weight(commitment_weight, "commitment_weight")
-        self.codebook_weight = 0.0 if ema_update else check_weight(codebook_weight, "codebook_weight")
+        if codebook_weight is None:
+            codebook_weight = 0.0 if ema_update else 1.0
+        self.codebook_weight = check_weight(codebook_weight, "codebook_weight")
         self.ema_update = ema_update
         self.decay, self.eps = float(decay), float(eps)
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
@@ -184,8 +191,9 @@ class VectorQuantizer(nn.Module):
 
     @property
     def codebook(self) -> Tensor:
-        """The codes as they appear in the output: (codebook_size, dim) for one head and one
-        codebook; (heads or 1, codebook_size, codebook_dim) otherwise (no projection applies)."""
+        """The codes as they appear in the output: (codebook_size, dim) with one head;
+        (codebook_size, codebook_dim) for heads sharing one codebook; (heads, codebook_size,
+        codebook_dim) with separate_codebook_per_head (no projection applies with heads > 1)."""
         books = self._books()
         if self.use_cosine_sim:
             books = F.normalize(books, dim=-1)
@@ -278,9 +286,13 @@ class VectorQuantizer(nn.Module):
         books = self._books()
         used_fraction, perplexity, dead = [], [], []
         for book, rows, codes in self._rows_per_book(z, idx):
-            counts, sums = code_stats(rows, codes, self.codebook_size, backend=self.backend)
-            if is_distributed():
+            if self.ema_update:
+                counts, sums = code_stats(rows, codes, self.codebook_size, backend=self.backend)
                 codebook_ema.synced_batch_stats(counts, sums)
+            else:  # a gradient-trained codebook needs usage counts only: O(N), no (K, D) all-reduce
+                counts = torch.zeros(self.codebook_size, device=rows.device)
+                counts.index_add_(0, codes, torch.ones(codes.shape[0], device=rows.device))
+                codebook_ema.synced_batch_stats(counts)
             probs = counts / counts.sum().clamp_min(1.0)
             perplexity.append(torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum()))
             used_fraction.append((counts > 0).float().mean())
@@ -294,17 +306,29 @@ class VectorQuantizer(nn.Module):
                     updated = F.normalize(updated, dim=-1)
                 books[book].copy_(updated.to(books.dtype))
             if self.threshold_ema_dead_code > 0:
-                codebook_ema.revive_dead_codes_(
+                revived = codebook_ema.revive_dead_codes_(
                     books[book], self.ema_count[book], self.ema_sum[book] if self.ema_update else None,
                     rows, self.threshold_ema_dead_code,
                 )
                 if self.use_cosine_sim:
                     books[book].copy_(F.normalize(books[book], dim=-1))
-            threshold = self.threshold_ema_dead_code if self.threshold_ema_dead_code > 0 else 1e-3
-            dead.append((self.ema_count[book] < threshold).sum())
+                dead.append(revived.sum())
+            else:  # no revival: report codes whose usage EMA has all but vanished
+                dead.append((self.ema_count[book] < 1e-3).sum())
         self.perplexity.copy_(torch.stack(perplexity).mean())
         self.codes_used_fraction.copy_(torch.stack(used_fraction).mean())
         self.dead_codes.copy_(torch.stack(dead).sum())
+
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) / .half() would round the EMA accumulators to 8 or 11 bits, after which small
+        # (1 - decay) updates vanish and the EMA freezes: they follow the device, never the dtype.
+        kept = {name: getattr(self, name) for name in ("ema_count", "ema_sum")}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float32:
+                setattr(self, name, before.to(device=after.device, dtype=torch.float32))
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -23,10 +23,12 @@ In eval mode every stage runs.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastvq._checks import check_float_tensor
+from fastvq._checks import check_float_tensor, check_indices
 from fastvq._layout import from_channel_last, resolve_channel_last, to_channel_last
+from fastvq.distributed import broadcast_, is_distributed
 from fastvq.quantizer import QuantizerOutput, VectorQuantizer, rotate_to
 
 # VectorQuantizer options whose state or updates belong to one stage: with one codebook shared by
@@ -154,7 +156,13 @@ class ResidualVQ(nn.Module):
         if not (self.training and self.quantize_dropout):
             return self.num_quantizers
         # One CPU draw per batch: no device synchronisation, reproducible under a seed.
-        last = torch.randint(self.quantize_dropout_cutoff_index, self.num_quantizers, (), generator=generator)
+        last = torch.randint(self.quantize_dropout_cutoff_index, self.num_quantizers, (1,), generator=generator)
+        if is_distributed():
+            # Every rank must run the same stages: each stage's training forward is a collective
+            # (EMA/usage all-reduce), so differing draws would hang or mix stages' statistics.
+            # gloo takes the CPU tensor; NCCL needs it on the rank's device.
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            last = broadcast_(last.to(device)).cpu()
         return int(last) + 1
 
     def forward(self, z: Tensor, *, generator: torch.Generator | None = None) -> QuantizerOutput:
@@ -211,18 +219,12 @@ class ResidualVQ(nn.Module):
         Raises:
             TypeError: non-integer indices. ValueError: bad stage axis or out-of-range values (CPU only).
         """
-        if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
-            got = getattr(indices, "dtype", type(indices).__name__)
-            raise TypeError(f"indices must be an int64/int32 tensor, got {got}")
+        check_indices(indices, self.codebook_size, low=-1)
         if indices.dim() < 1 or not 1 <= indices.shape[-1] <= self.num_quantizers:
             raise ValueError(
                 f"indices must be (..., Q) with 1 <= Q <= num_quantizers = {self.num_quantizers}, "
                 f"got shape {tuple(indices.shape)}"
             )
-        if indices.device.type == "cpu" and indices.numel():
-            low, high = int(indices.min()), int(indices.max())
-            if low < -1 or high >= self.codebook_size:
-                raise ValueError(f"indices must lie in [-1, {self.codebook_size}), got values in [{low}, {high}]")
         quantized = None
         for layer, idx in zip(self.layers, indices.unbind(-1), strict=False):  # Q' <= Q stages
             kept = idx >= 0

@@ -58,8 +58,8 @@ def contract_tau(x: Tensor, codebook: Tensor, metric: str = "l2", tf32: bool = F
 def assert_contract(idx: Tensor, x: Tensor, codebook: Tensor, metric: str = "l2", tf32: bool = False) -> None:
     """Raise AssertionError naming the first rows whose index breaks the numerics contract.
 
-    Exact ties must resolve to the lowest index: when the fp64 distance of the chosen code
-    equals that of a lower-indexed code exactly, the choice is wrong.
+    Exact ties must resolve to the lowest index: choosing a code that has a bitwise-identical
+    duplicate at a lower index is wrong, whatever the distances.
     """
     dists = distances_fp64(x, codebook, metric)  # (N, K)
     flat_idx = idx.reshape(-1).to(device=dists.device, dtype=torch.int64)
@@ -74,10 +74,11 @@ def assert_contract(idx: Tensor, x: Tensor, codebook: Tensor, metric: str = "l2"
     tau = contract_tau(x, codebook, metric, tf32)
     excess = d_got - d_best
     bad = excess > tau
-    # A strictly lower index with exactly the same fp64 distance: the exact-tie rule.
+    # The exact-tie rule: a duplicate of the chosen code (bitwise equal row) at a lower index.
+    chosen_rows = codebook.detach()[flat_idx.to(codebook.device)]  # (N, D)
+    same = (codebook.detach()[None, :, :] == chosen_rows[:, None, :]).all(-1).to(dists.device)  # (N, K)
     cols = torch.arange(dists.shape[1], device=dists.device)
-    tie_lower = ((dists == d_got[:, None]) & (cols[None, :] < flat_idx[:, None])).any(dim=1)
-    bad |= tie_lower & (excess == 0)
+    bad |= (same & (cols[None, :] < flat_idx[:, None])).any(dim=1)
     if bad.any():
         rows = bad.nonzero().flatten()[:5].tolist()
         detail = ", ".join(

@@ -3,8 +3,8 @@
 import json
 
 import torch
-
 from fastvq.benchmarks import measure
+
 from fastvq.cli import main
 
 

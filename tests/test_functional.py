@@ -22,14 +22,18 @@ def test_vq_forward_and_backward_match_fp64(n, k, d, dtype, weights):
     assert_contract(idx, z, codebook)
 
     ref_loss, ref_gz, ref_gc = vq_reference_fp64(z, codebook, idx, beta, cw)
+    # 16-bit: computed in fp32, rounded once to the input dtype (8 or 11 significant bits).
+    rel = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rel, atol=0.0)
+    # The loss gradients alone (dzq = 0), at a tolerance scaled to their own size.
+    gz, gc = torch.autograd.grad(loss, (z, codebook), retain_graph=True)
+    for got, ref in ((gz, ref_gz), (gc, ref_gc)):
+        torch.testing.assert_close(got.double(), ref, rtol=rel, atol=rel * ref.abs().max().item() + 1e-30)
+    # Straight-through alone: dzq reaches z unchanged and never the codebook.
     grad_zq = torch.randn(n, d).to(dtype)
-    (zq * grad_zq).sum().add(loss).backward()
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(loss.double(), ref_loss, **tol)
-    # straight-through: dzq reaches z unchanged; the commitment term adds to it
-    torch.testing.assert_close(z.grad.double(), grad_zq.double() + ref_gz, **tol)
-    # the codebook sees only its loss term, never dzq
-    torch.testing.assert_close(codebook.grad.double(), ref_gc, **tol)
+    gz, gc = torch.autograd.grad(zq, (z, codebook), grad_zq)
+    assert torch.equal(gz, grad_zq)
+    assert not gc.any()
 
 
 def test_gradcheck_float64():
@@ -153,11 +157,10 @@ def test_backend_resolution_on_cpu():
     if not kernels.AVAILABLE:
         with pytest.raises(RuntimeError, match="backend='triton' is unavailable"):
             resolve_backend("triton", x)
+        return
     with pytest.raises(RuntimeError, match="float32/float16/bfloat16"):
-        if kernels.AVAILABLE:
-            resolve_backend("triton", x.double())
-        else:
-            raise RuntimeError("float32/float16/bfloat16")  # nothing further to check without triton
+        resolve_backend("triton", x.double())
+    assert resolve_backend("triton", x) == "triton"  # CPU tensors: the interpreter (conftest sets it)
 
 
 def test_code_stats_matches_a_loop():

@@ -108,6 +108,19 @@ def test_vq_bwd_matches_torch_and_fp64(shape, dtype):
     assert (gc[unused] == 0).all(), "codes no row picked must get exactly zero"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vq_bwd_commitment_term_alone(dtype):
+    # With dzq = 0 grad_z is the commitment term alone (~1e-4), which a tolerance scaled to dzq
+    # (~1) could not see: check it at its own scale.
+    n, k, d = 100, 31, 17
+    _, grad_loss, z, codebook, idx = _bwd_case(n, k, d, dtype)
+    zero = torch.zeros(n, d, dtype=dtype, device=DEVICE)
+    gz, gc = kernels.vq_bwd(zero, grad_loss, z, codebook, idx, 0.25, 1.0)
+    _, gz64, gc64 = vq_reference_fp64(z, codebook, idx, 0.25, 1.0)
+    _assert_grads_close(gz, 1.7 * gz64, dtype, "commitment grad_z vs fp64")
+    _assert_grads_close(gc, 1.7 * gc64, dtype, "grad_codebook vs fp64")
+
+
 @pytest.mark.parametrize("n", [63, 64, 65, 128, 129, 300])
 @pytest.mark.parametrize("impl", ["dot", "scan"])
 def test_vq_bwd_scatter_chunk_boundaries(n, impl, monkeypatch):

@@ -22,6 +22,21 @@ def test_oracle_rejects_a_higher_index_on_an_exact_tie():
         assert_contract(torch.tensor([1]), x, codebook)
 
 
+def test_oracle_rejects_a_higher_duplicate_even_when_another_code_is_nearest():
+    # Codes 0 and 2 are duplicates; code 1 is nearest, but within tau choosing 2 is still wrong.
+    codebook = torch.tensor([[1.0, 0.0], [1.0 + 1.2e-7, 0.0], [1.0, 0.0]])
+    x = torch.tensor([[2.0, 0.0]])
+    assert distances_fp64(x, codebook).argmin().item() == 1
+    assert_contract(torch.tensor([0]), x, codebook)  # within tau of the best: allowed
+    with pytest.raises(AssertionError):
+        assert_contract(torch.tensor([2]), x, codebook)
+
+
+def test_oracle_accepts_distinct_codes_at_equal_distance():
+    codebook = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert_contract(torch.tensor([1]), torch.zeros(1, 2), codebook)
+
+
 def test_oracle_rejects_out_of_range_and_wrong_count():
     codebook, x = torch.randn(3, 2), torch.randn(4, 2)
     with pytest.raises(AssertionError, match="out of range"):

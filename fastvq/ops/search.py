@@ -16,6 +16,8 @@ returns the first index of the minimum.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -63,32 +65,50 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2") -> tuple[Tenso
     """
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
-    n, k = x.shape[0], codebook.shape[0]
-    idx = torch.empty(n, dtype=torch.int64, device=x.device)
-    dist = torch.empty(n, dtype=accumulation_dtype(x, codebook), device=x.device)
-    if n == 0:
-        return idx, dist
-
     acc = accumulation_dtype(x, codebook)
-    cb = codebook.to(acc)
+    idx = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    dist = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    if x.shape[0] > 0:
+        with _ieee_fp32_matmul(x.device):
+            _search_tiles(x, codebook.to(acc), metric, idx, dist)
+    return idx, dist
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul(device: torch.device):
+    # Training scripts often set allow_tf32 / set_float32_matmul_precision("high"); cuBLAS would
+    # then round fp32 products to tf32 and break the contract with u = 0. The switch is global,
+    # so it is restored on exit. (CPU matmuls ignore it.)
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _search_tiles(x: Tensor, cb: Tensor, metric: str, idx: Tensor, dist: Tensor) -> None:
+    """Fill idx and dist (N,) tile by tile; ``cb`` is the codebook in the accumulation dtype."""
+    n, k = x.shape[0], cb.shape[0]
     if metric == "l2":
         half_sq_norm = 0.5 * (cb * cb).sum(dim=1)  # (K,)
     else:
         cb = _normalize(cb)
     cb_t = cb.t()  # (D, K), a view: addmm/mm take the transposed layout without a copy
-
     rows = tile_rows(n, k, x.device)
-    tile = torch.empty(rows, k, dtype=acc, device=x.device)  # [rows, K], reused
-    best = torch.empty(rows, dtype=acc, device=x.device)
+    tile = torch.empty(rows, k, dtype=cb.dtype, device=x.device)  # [rows, K], reused
+    best = torch.empty(rows, dtype=cb.dtype, device=x.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        xs = x[start:stop].to(acc)  # (n_chunk, D); upcasts one chunk at a time
+        xs = x[start:stop].to(cb.dtype)  # (n_chunk, D); upcasts one chunk at a time
         scores = tile[: stop - start]
         if metric == "l2":
             torch.addmm(half_sq_norm, xs, cb_t, beta=1.0, alpha=-1.0, out=scores)
             torch.min(scores, dim=1, out=(best[: stop - start], idx[start:stop]))
-            chosen = cb.index_select(0, idx[start:stop])
-            diff = xs - chosen
+            diff = xs - cb.index_select(0, idx[start:stop])
             torch.sum(diff * diff, dim=1, out=dist[start:stop])
         else:
             xs = _normalize(xs)
@@ -96,4 +116,3 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2") -> tuple[Tenso
             torch.max(scores, dim=1, out=(best[: stop - start], idx[start:stop]))
             chosen = cb.index_select(0, idx[start:stop])
             dist[start:stop] = 1.0 - (xs * chosen).sum(dim=1)
-    return idx, dist
