@@ -10,10 +10,12 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from fastvq.benchmarks import cli as bench_cli
+    from fastvq.train import cli as train_cli
 
     parser = argparse.ArgumentParser(prog="fastvq", description="fastvq: fast vector quantization for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench_cli.add_parser(sub)
+    train_cli.add_parser(sub)  # train {ae,vae,vqvae,vqgan,prior}, sample, reconstruct
     return parser
 
 

@@ -2,11 +2,11 @@
 
 Three sources, all held in memory as uint8 (N, C, H, W) tensors:
 
-- ``shapes`` (the default): coloured circles, squares and triangles on a plain background,
-  drawn procedurally by this module (32x32 RGB, anti-aliased by 2x supersampling). The same seed
-  gives the same images on every machine; train and validation come from different seeds, so
-  they never share an image. The label is the kind of the largest shape (0 circle, 1 square,
-  2 triangle). Nothing is downloaded.
+- ``shapes`` (the default): circles, squares and triangles in 12 palette colours on a plain
+  background of another palette colour, drawn procedurally by this module (32x32 RGB,
+  anti-aliased by 2x supersampling). The same seed gives the same images on every machine;
+  train and validation come from different seeds, so they never share an image. The label is
+  the kind of the largest shape (0 circle, 1 square, 2 triangle). Nothing is downloaded.
 - ``digits``: scikit-learn's 8x8 digits (shipped inside sklearn), upsampled to the image size,
   grey as RGB; labels 0-9. Only when sklearn is installed.
 - a folder path: every image file under it (recursively, sorted), read with Pillow, centre-cropped
@@ -32,6 +32,12 @@ from torch import Tensor
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SHAPE_KINDS = ("circle", "square", "triangle")
 BUILTIN_DATASETS = ("shapes", "digits")
+# the shapes' palette: 12 colours far apart in RGB, as floats in [0, 1]
+PALETTE = np.array([
+    [0.90, 0.10, 0.10], [0.10, 0.60, 0.15], [0.15, 0.25, 0.85], [0.95, 0.85, 0.10], [0.95, 0.50, 0.05],
+    [0.55, 0.15, 0.70], [0.10, 0.75, 0.80], [0.95, 0.45, 0.70], [0.97, 0.97, 0.95], [0.08, 0.08, 0.10],
+    [0.50, 0.50, 0.50], [0.55, 0.35, 0.15],
+], dtype=np.float32)
 
 
 class CorruptImageError(ValueError):
@@ -91,15 +97,15 @@ def make_shapes(num: int, seed: int, size: int = 32, max_shapes: int = 2) -> tup
         raise ValueError(f"need num >= 0, size >= 8, max_shapes >= 1; got {num}, {size}, {max_shapes}")
     rng = np.random.default_rng(seed)
     s = 2 * size  # drawn at 2x, then 2x2-averaged: anti-aliased edges
-    background = rng.uniform(0.0, 1.0, (num, 3)).astype(np.float32)
+    # colours come from a fixed palette: a discrete world a small codebook and a prior can learn
+    bg = rng.integers(0, len(PALETTE), num)
+    fg = (bg[:, None] + rng.integers(1, len(PALETTE), (num, max_shapes))) % len(PALETTE)  # never the background's
+    background, colour = PALETTE[bg], PALETTE[fg]  # (num, 3), (num, max_shapes, 3)
     count = rng.integers(1, max_shapes + 1, num)
     kinds = rng.integers(0, len(SHAPE_KINDS), (num, max_shapes))
-    radius = (np.sort(rng.uniform(0.16, 0.32, (num, max_shapes)), axis=1)[:, ::-1] * s).astype(np.float32)  # largest first
+    radius = np.sort(rng.uniform(0.16, 0.32, (num, max_shapes)), axis=1)[:, ::-1]  # largest first
+    radius = (radius * s).astype(np.float32)
     centre = (rng.uniform(0.25, 0.75, (num, max_shapes, 2)) * s).astype(np.float32)
-    colour = rng.uniform(0.0, 1.0, (num, max_shapes, 3)).astype(np.float32)
-    # keep every shape visible against the background: push colours that are too close away
-    too_close = np.abs(colour - background[:, None, :]).sum(-1) < 0.6
-    colour[too_close] = 1.0 - colour[too_close]
 
     out = np.empty((num, 3, size, size), dtype=np.uint8)
     yy, xx = np.meshgrid(np.arange(s, dtype=np.float32) + 0.5, np.arange(s, dtype=np.float32) + 0.5, indexing="ij")
@@ -253,3 +259,18 @@ class BatchIterator:
         index = self._order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return self.dataset.batch(index)
+
+
+@dataclass
+class TensorDataset:
+    """Any tensors in memory (e.g. code indices for the prior): x (N, ...), labels (N,) int64."""
+
+    x: Tensor
+    labels: Tensor
+    num_classes: int = 1
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.x[index], self.labels[index]

@@ -2,24 +2,30 @@
 
     "vq"        fastvq.VectorQuantizer (backend "auto": Triton kernels on a GPU, else the chunked
                 PyTorch path).
+    "fsq"       fastvq.FSQ, finite scalar quantization: quantizer_kwargs {"levels": [...]} with
+                prod(levels) == codebook_size; no codebook, no auxiliary loss.
+    "lfq"       fastvq.LFQ, lookup-free quantization: codebook_size a power of two.
     "textbook"  the textbook PyTorch layer (cdist + argmin, z + (e - z).detach()): the baseline the
                 step-time comparison measures fastvq against.
 
 Every entry is built as ``QUANTIZERS[name](dim, codebook_size, commitment_weight=..., **kwargs)``,
-takes and returns (B, dim, H, W) feature maps, returns ``fastvq.QuantizerOutput`` and has an
-``embed`` (K, codebook_dim) parameter, ``project_in`` and ``get_output_from_indices``. New members
-of the family (EMA, residual, FSQ) register here.
+takes and returns (B, dim, H, W) feature maps with (B, H, W) indices in [0, codebook_size), returns
+``fastvq.QuantizerOutput`` and has ``get_output_from_indices``. Those with a learnt (K, D) ``embed``
+get the VQ-VAE's codebook care (data init, dead-code restarts). Quantizers with several indices per
+position (ResidualVQ) do not fit the (B, H, W) code grid the prior and sampling use, so they are not
+registered yet.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastvq import QuantizerOutput, VectorQuantizer
+from fastvq import FSQ, LFQ, QuantizerOutput, VectorQuantizer
 
 
 class TextbookQuantizer(nn.Module):
@@ -65,7 +71,20 @@ def _fastvq(dim: int, codebook_size: int, *, commitment_weight: float = 0.25, **
     return VectorQuantizer(dim, codebook_size, commitment_weight=commitment_weight, accept_image_fmap=True, **kwargs)
 
 
-QUANTIZERS: dict[str, Callable[..., nn.Module]] = {"vq": _fastvq, "textbook": TextbookQuantizer}
+def _fsq(dim: int, codebook_size: int, *, commitment_weight: float = 0.25, levels=None, **kwargs) -> nn.Module:
+    if levels is None or math.prod(levels) != codebook_size:
+        raise ValueError(f"quantizer 'fsq' needs quantizer_kwargs levels with prod(levels) == codebook_size "
+                         f"({codebook_size}), got levels={levels!r}")
+    return FSQ(list(levels), dim, accept_image_fmap=True, **kwargs)
+
+
+def _lfq(dim: int, codebook_size: int, *, commitment_weight: float = 0.25, **kwargs) -> nn.Module:
+    return LFQ(dim, codebook_size, commitment_loss_weight=commitment_weight, accept_image_fmap=True, **kwargs)
+
+
+QUANTIZERS: dict[str, Callable[..., nn.Module]] = {
+    "vq": _fastvq, "fsq": _fsq, "lfq": _lfq, "textbook": TextbookQuantizer,
+}
 
 
 def build_quantizer(name: str, dim: int, codebook_size: int, commitment_weight: float, **kwargs) -> nn.Module:

@@ -13,7 +13,9 @@ Keeping the codebook in use (a codebook that collapses onto a few codes cannot r
     * a code whose running (EMA) count per batch falls below ``dead_code_threshold`` is moved onto
       a random encoder output of the current batch (codebook "restart", as in Jukebox / SoundStream).
 Both happen inside training-mode forwards, draw from torch's global RNG (saved by checkpoints) and
-write the quantizer's ``embed`` in place.
+write the quantizer's ``embed`` in place. They stand aside for quantizers that do it themselves
+(quantizer_kwargs ``kmeans_init``, ``threshold_ema_dead_code``, ``ema_update``) or have no learnt
+codebook (FSQ, LFQ).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from fastvq.models.quantizers import build_quantizer
 @dataclass
 class VQVAEConfig(ConvNetConfig):
     embed_dim: int = option(16, "latent channels, the size of a codebook vector")
-    codebook_size: int = option(128, "number of codes K")
-    quantizer: str = option("vq", "quantizer: 'vq' (fastvq.VectorQuantizer) or 'textbook' (cdist baseline)")
+    codebook_size: int = option(256, "number of codes K")
+    quantizer: str = option("vq", "'vq' (fastvq.VectorQuantizer), 'fsq', 'lfq', or 'textbook' (cdist baseline)")
     quantizer_kwargs: dict = option({}, "extra keyword arguments for the quantizer, as JSON")
     commitment_weight: float = option(0.25, "beta, weight of the commitment term")
     init_codebook_from_data: bool = option(True, "start the codebook from encoder outputs of the first batch")
@@ -43,8 +45,16 @@ class VQVAEConfig(ConvNetConfig):
 
     PRESETS = {
         "tiny": {},
-        "base": {"ch": 128, "num_res_blocks": 2, "attn": True, "embed_dim": 64, "codebook_size": 512},
+        "base": {"ch": 128, "num_res_blocks": 2, "attn": True, "embed_dim": 64, "codebook_size": 1024},
     }
+
+
+def usage_tensors(indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
+    """(fraction of codes used, perplexity) of a batch of indices, as 0-d tensors (no host sync)."""
+    counts = torch.zeros(codebook_size, device=indices.device)
+    counts.index_add_(0, indices.reshape(-1), torch.ones(indices.numel(), device=indices.device))
+    p = counts / counts.sum().clamp_min(1)
+    return (counts > 0).float().mean(), torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
 
 
 def usage_stats(indices: Tensor, codebook_size: int) -> dict[str, float]:
@@ -70,6 +80,7 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(cfg, cfg.embed_dim)
         self.register_buffer("codebook_initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("code_usage", torch.zeros(cfg.codebook_size))
+        self._initialized: bool | None = None
 
     @property
     def factor(self) -> int:
@@ -82,7 +93,8 @@ class VQVAE(nn.Module):
             if self.training:
                 self._maintain_codebook(z)
             zq, idx, loss = self.quantizer(z)
-            if self.training and self.cfg.dead_code_threshold > 0:
+            own_restarts = getattr(self.quantizer, "threshold_ema_dead_code", 0) > 0
+            if self.training and self.cfg.dead_code_threshold > 0 and self._has_codebook and not own_restarts:
                 self._restart_dead_codes(z, idx)
         return zq, idx, loss
 
@@ -93,13 +105,19 @@ class VQVAE(nn.Module):
 
     def training_losses(self, x: Tensor, y: Tensor | None = None, step: int = 0) -> dict[str, Tensor]:
         """One batch's losses: "loss" (what is optimised), "recon", "vq", "psnr" (dB, detached)."""
-        x_hat, _, vq_loss = self(x)
+        x_hat, idx, vq_loss = self(x)
         recon = F.mse_loss(x_hat.float(), x)
         out = {"loss": recon + vq_loss, "recon": recon.detach(), "vq": vq_loss.detach(), "psnr": psnr(recon.detach())}
-        if self.training:
-            out["codes_used"] = self.quantizer.codes_used_fraction.clone()
-            out["perplexity"] = self.quantizer.perplexity.clone()
+        if self.training:  # the batch's code usage (fastvq.VectorQuantizer's codes_used_fraction / perplexity)
+            out["codes_used"], out["perplexity"] = usage_tensors(idx.detach(), self.cfg.codebook_size)
         return out
+
+    @torch.no_grad()
+    def validation_step(self, x: Tensor, y: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """One pass for validation: (losses "loss", "recon", "vq"; reconstruction x^; indices (B, h, w))."""
+        x_hat, idx, vq_loss = self(x)
+        recon = F.mse_loss(x_hat.float(), x)
+        return {"loss": recon + vq_loss, "recon": recon, "vq": vq_loss}, x_hat, idx
 
     # -- codes in, images out ------------------------------------------------------------------
 
@@ -130,12 +148,27 @@ class VQVAE(nn.Module):
 
     # -- codebook care --------------------------------------------------------------------------
 
+    @property
+    def _has_codebook(self) -> bool:
+        """A gradient-trained (K, D) codebook this model may write (EMA codebooks keep their own statistics)."""
+        q = self.quantizer
+        embed = getattr(q, "embed", None)
+        plain = isinstance(embed, nn.Parameter) and embed.dim() == 2 and embed.shape[0] == self.cfg.codebook_size
+        return plain and not getattr(q, "ema_update", False)
+
     def _flat(self, z: Tensor) -> Tensor:
         return self.quantizer.project_in(z.detach().movedim(1, -1).reshape(-1, z.shape[1]))  # (N, codebook_dim)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._initialized = None  # re-read the loaded buffer on the next training forward
+        super()._load_from_state_dict(*args, **kwargs)
+
     @torch.no_grad()
     def _maintain_codebook(self, z: Tensor) -> None:
-        if not self.cfg.init_codebook_from_data or bool(self.codebook_initialized):
+        if self._initialized is None:  # a Python mirror of the buffer: one host read, not one per step
+            self._initialized = bool(self.codebook_initialized)
+        own_init = getattr(self.quantizer, "kmeans_init", False)  # the quantizer initialises itself
+        if self._initialized or not self.cfg.init_codebook_from_data or not self._has_codebook or own_init:
             return
         flat = self._flat(z)
         k = self.cfg.codebook_size
@@ -144,19 +177,23 @@ class VQVAE(nn.Module):
         self.quantizer.embed.data.copy_(flat[pick])
         self.code_usage.fill_(flat.shape[0] / k)
         self.codebook_initialized.fill_(True)
+        self._initialized = True
 
     @torch.no_grad()
     def _restart_dead_codes(self, z: Tensor, idx: Tensor) -> None:
-        counts = torch.bincount(idx.reshape(-1), minlength=self.cfg.codebook_size).float()
+        # branch-free (no host sync, no data-dependent shapes): every code draws a candidate, only
+        # the dead ones take it
+        k = self.cfg.codebook_size
+        ones = torch.ones(idx.numel(), device=idx.device)
+        counts = torch.zeros(k, device=idx.device).index_add_(0, idx.reshape(-1), ones)  # (K,) this batch
         decay = self.cfg.dead_code_decay
         self.code_usage.mul_(decay).add_(counts, alpha=1 - decay)
-        dead = (self.code_usage < self.cfg.dead_code_threshold).nonzero().squeeze(1)
-        if dead.numel() == 0:
-            return
+        dead = self.code_usage < self.cfg.dead_code_threshold  # (K,)
         flat = self._flat(z)
-        pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=z.device)
-        self.quantizer.embed.data[dead] = flat[pick]
-        self.code_usage[dead] = self.code_usage.mean()
+        candidates = flat[torch.randint(0, flat.shape[0], (k,), device=z.device)]  # (K, codebook_dim)
+        embed = self.quantizer.embed.data
+        embed.copy_(torch.where(dead[:, None], candidates.to(embed.dtype), embed))
+        self.code_usage.copy_(torch.where(dead, self.code_usage.mean(), self.code_usage))
 
 
 def psnr(mse_pm1: Tensor) -> Tensor:
