@@ -64,14 +64,28 @@ def _read_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def prepare_cpu_memory_probe() -> bool:
     """Pin glibc's mmap threshold at 64 KiB (see module docstring). False where unsupported."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold, m_trim_threshold = -3, -1
-        return bool(libc.mallopt(m_mmap_threshold, 64 * 1024)) and bool(libc.mallopt(m_trim_threshold, 0))
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return False
+    m_mmap_threshold, m_trim_threshold = -3, -1
+    return bool(libc.mallopt(m_mmap_threshold, 64 * 1024)) and bool(libc.mallopt(m_trim_threshold, 0))
+
+
+def _release_free_heap() -> None:
+    # Blocks freed before the threshold was pinned sit resident in the heap; malloc serves new
+    # requests from them before it maps fresh pages, which would hide them from the peak.
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def peak_extra_mib(fn: Callable[[], object], device: str) -> float | None:
@@ -83,6 +97,7 @@ def peak_extra_mib(fn: Callable[[], object], device: str) -> float | None:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / _MIB
+    _release_free_heap()
     try:
         before = _read_status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as clear_refs:
