@@ -43,7 +43,8 @@ SHAPES = {
 }
 CPU_GRID = ("cpu-small", "cpu-large")
 GPU_GRID = ("A", "B", "C")
-OPS = ("search", "forward", "train_step", "ema_update")
+OPS = ("search", "forward", "train_step", "ema_update", "vqvae_step")
+VQVAE_BATCH = 32  # 32x32 images; the tiny VQ-VAE has 8x8 latents: 2048 vectors of D per step
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -138,16 +139,19 @@ PROVIDERS = {
     "forward": ("textbook", "vector-quantize-pytorch", "fastvq-torch", "fastvq-triton"),
     "train_step": ("textbook", "vector-quantize-pytorch", "fastvq-torch", "fastvq-triton"),
     "ema_update": ("textbook", "vector-quantize-pytorch", "fastvq-torch", "fastvq-triton"),
+    "vqvae_step": ("textbook", "fastvq-torch", "fastvq-triton"),
 }
 # The provider each row's speed-up is measured against.
 GEMM_PROVIDERS = ("gemm-floor", "gemm-compute")
-BASELINE = {"search": "naive-cdist", "forward": "textbook", "train_step": "textbook", "ema_update": "textbook"}
+BASELINE = {op: "textbook" for op in OPS} | {"search": "naive-cdist"}
 
 
 def build(op: str, provider: str, shape: Shape, dtype: torch.dtype, device: str) -> Callable[[], object]:
     """A callable that runs ``op`` once with ``provider``; raises Unavailable if it cannot."""
     if provider == "fastvq-triton":
         _check_triton(device)
+    if op == "vqvae_step":
+        return _vqvae_step(provider, shape, dtype, device)
     x, codebook = make_inputs(shape, dtype, device)
     if op == "search":
         if provider == "gemm-floor":  # the bare GEMM as written, allocating its N x K output
@@ -183,3 +187,30 @@ def build(op: str, provider: str, shape: Shape, dtype: torch.dtype, device: str)
         (q.float().square().mean() + loss.sum()).backward()
 
     return train_step
+
+
+def _vqvae_step(provider: str, shape: Shape, dtype: torch.dtype, device: str) -> Callable[[], object]:
+    """One training step (forward, backward, AdamW) of the tiny VQ-VAE with K codes of size D;
+    the batch is VQVAE_BATCH images, whatever the shape's N. bf16/fp16 run under autocast."""
+    from fastvq.models.vqvae import VQVAE, VQVAEConfig
+
+    if provider == "textbook":
+        quantizer, kwargs = "textbook", {}
+    else:
+        quantizer, kwargs = "vq", {"backend": provider.removeprefix("fastvq-")}
+    torch.manual_seed(0)
+    cfg = VQVAEConfig.preset("tiny", codebook_size=shape.k, embed_dim=shape.d, quantizer=quantizer,
+                             quantizer_kwargs=kwargs)
+    model = VQVAE(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.rand(VQVAE_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    amp = dtype != torch.float32
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=amp):
+            loss = model.training_losses(x)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
