@@ -31,15 +31,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fastvq._checks import check_float_tensor, check_indices, compute_dtype
+from fastvq._checks import check_float_tensor, compute_dtype
+from fastvq._implicit import ImplicitCodebook
 from fastvq._layout import from_channel_last, resolve_channel_last, to_channel_last
 from fastvq.quantizer import QuantizerOutput
 
 _EPS = 1e-3
-_MAX_IMPLICIT_CODEBOOK = 2**24
 
 
-class FSQ(nn.Module):
+class FSQ(ImplicitCodebook):
     """Finite Scalar Quantization.
 
     Args:
@@ -212,36 +212,9 @@ class FSQ(nn.Module):
         center, half_width = self._grid(dtype)
         return (k - center) / half_width
 
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        """Quantized output for indices, in the forward's layout (projected out when dim != len(levels)).
-
-        Args:
-            indices: int64 tensor shaped like the ``indices`` forward returns.
-
-        Returns:
-            (*indices.shape, dim) for channel-last layouts, (B, dim, ...) otherwise; float32, or the
-            projections' dtype when there are projections.
-        """
-        weight = getattr(self.project_out, "weight", None)
-        codes = self.indices_to_codes(indices, torch.float32 if weight is None else weight.dtype)
-        return from_channel_last(self.project_out(codes), self.channel_last)
-
     @property
-    def implicit_codebook(self) -> Tensor:
-        """(codebook_size, len(levels)) float32: every code, before ``project_out``, in index order."""
-        if self.codebook_size > _MAX_IMPLICIT_CODEBOOK:
-            raise ValueError(
-                f"implicit_codebook would materialise {self.codebook_size} codes (limit {_MAX_IMPLICIT_CODEBOOK})"
-            )
-        return self.indices_to_codes(torch.arange(self.codebook_size, device=self._basis.device))
-
-    @property
-    def codebook(self) -> Tensor:
-        """(codebook_size, dim): every code as it appears in the output (projected out if needed)."""
-        return self.project_out(self.implicit_codebook)
-
-    def _check_indices(self, indices: Tensor) -> None:
-        check_indices(indices, self.codebook_size)
+    def _code_device(self) -> torch.device:
+        return self._basis.device
 
     def extra_repr(self) -> str:
         return (

@@ -42,11 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastvq._checks import check_float_tensor, check_indices, check_weight, compute_dtype
+from fastvq._checks import check_float_tensor, check_weight, compute_dtype
+from fastvq._implicit import ImplicitCodebook
 from fastvq._layout import from_channel_last, resolve_channel_last, to_channel_last
 from fastvq.quantizer import QuantizerOutput
-
-_MAX_IMPLICIT_CODEBOOK = 2**24
 
 
 class LossBreakdown(NamedTuple):
@@ -123,7 +122,7 @@ def batch_entropy(logits: Tensor, exact: bool) -> Tensor:
     return -(_xlogx(q_plus) + _xlogx(q_minus)).sum()
 
 
-class LFQ(nn.Module):
+class LFQ(ImplicitCodebook):
     """Lookup-Free Quantization with the MAGVIT-v2 entropy loss.
 
     Args:
@@ -286,36 +285,9 @@ class LFQ(nn.Module):
         s = torch.tensor(self.codebook_scale, dtype=dtype, device=bits.device)
         return torch.where(bits, s, -s)
 
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        """Quantized output for indices, in the forward's layout (projected out if dim != log2 K).
-
-        Args:
-            indices: int64 tensor shaped like the ``indices`` forward returns.
-
-        Returns:
-            (*indices.shape, dim) for channel-last layouts, (B, dim, ...) otherwise; float32, or the
-            projections' dtype when there are projections.
-        """
-        weight = getattr(self.project_out, "weight", None)
-        codes = self.indices_to_codes(indices, torch.float32 if weight is None else weight.dtype)
-        return from_channel_last(self.project_out(codes), self.channel_last)
-
     @property
-    def implicit_codebook(self) -> Tensor:
-        """(codebook_size, d) float32: every code, before ``project_out``, in index order."""
-        if self.codebook_size > _MAX_IMPLICIT_CODEBOOK:
-            raise ValueError(
-                f"implicit_codebook would materialise {self.codebook_size} codes (limit {_MAX_IMPLICIT_CODEBOOK})"
-            )
-        return self.indices_to_codes(torch.arange(self.codebook_size, device=self.mask.device))
-
-    @property
-    def codebook(self) -> Tensor:
-        """(codebook_size, dim): every code as it appears in the output (projected out if needed)."""
-        return self.project_out(self.implicit_codebook)
-
-    def _check_indices(self, indices: Tensor) -> None:
-        check_indices(indices, self.codebook_size)
+    def _code_device(self) -> torch.device:
+        return self.mask.device
 
     def extra_repr(self) -> str:
         return (
