@@ -96,16 +96,21 @@ def test_vae_elbo_is_reconstruction_plus_kl():
 # -- VQ-VAE ------------------------------------------------------------------------------------
 
 
-def test_codebook_starts_from_encoder_outputs():
-    model = VQVAE(VQVAEConfig.preset("tiny", **SMALL))
+def test_codebook_starts_from_kmeans_of_encoder_outputs():
+    model = VQVAE(VQVAEConfig.preset("tiny", **SMALL, dead_code_threshold=0.0))
     x = _images(8)
     model.train()
     z = model.encoder(x).detach().movedim(1, -1).reshape(-1, 4)
+    random_codes = model.quantizer.embed.detach().clone()
     model.training_losses(x)
+    assert model.quantizer._initted and bool(model.quantizer.initted)
     codes = model.quantizer.embed.detach()
-    assert bool(model.codebook_initialized)
-    # every code is one of the first batch's encoder outputs
-    assert torch.cdist(codes, z).min(dim=1).values.max() < 1e-3
+
+    def error(c):  # mean squared distance of the batch to its nearest code
+        return ((z[:, None, :] - c[None]) ** 2).sum(-1).min(1).values.mean()
+
+    # k-means centroids of this very batch fit it far better than the random init did
+    assert error(codes) < 0.2 * error(random_codes)
 
 
 def test_dead_codes_are_restarted_onto_encoder_outputs():
@@ -294,5 +299,4 @@ def test_ema_quantizers_keep_their_own_codebook_care():
     model = VQVAE(VQVAEConfig.preset("tiny", **SMALL, quantizer_kwargs={"ema_update": True}))
     before = model.quantizer.embed.detach().clone()
     model.training_losses(_images())
-    assert not bool(model.codebook_initialized)  # the model did not overwrite the EMA codebook
     assert not torch.equal(before, model.quantizer.embed.detach())  # the EMA update did move it

@@ -7,15 +7,14 @@ Loss, the paper's three terms:
 The quantizer (the config's ``quantizer`` field, fastvq.VectorQuantizer by default) computes
 the vq terms and the straight-through gradient; this module adds reconstruction.
 
-Keeping the codebook in use (a codebook that collapses onto a few codes cannot reconstruct):
-    * the codebook starts as K random encoder outputs of the first training batch, so every code
-      begins inside the data instead of at a standard-normal point nobody is near;
-    * a code whose running (EMA) count per batch falls below ``dead_code_threshold`` is moved onto
-      a random encoder output of the current batch (codebook "restart", as in Jukebox / SoundStream).
-Both happen inside training-mode forwards, draw from torch's global RNG (saved by checkpoints) and
-write the quantizer's ``embed`` in place. They stand aside for quantizers that do it themselves
-(quantizer_kwargs ``kmeans_init``, ``threshold_ema_dead_code``, ``ema_update``) or have no learnt
-codebook (FSQ, LFQ).
+Keeping the codebook in use (a codebook that collapses onto a few codes cannot reconstruct) is
+the quantizer's own job: for the default ``quantizer="vq"`` the config's fields turn on
+fastvq.VectorQuantizer's ``kmeans_init`` (codes start as k-means++/Lloyd centroids of the first
+training batch's encoder outputs, so every code begins inside the data) and
+``threshold_ema_dead_code`` with ``decay`` (a code whose usage EMA falls below the threshold is
+moved onto an encoder output of the current batch, as in Jukebox / SoundStream), all without a
+host synchronisation. ``quantizer_kwargs`` override them; the other quantizers (FSQ, LFQ, the
+textbook baseline) get no codebook care.
 """
 
 from __future__ import annotations
@@ -39,9 +38,9 @@ class VQVAEConfig(ConvNetConfig):
     quantizer: str = option("vq", "'vq' (fastvq.VectorQuantizer), 'fsq', 'lfq', or 'textbook' (cdist baseline)")
     quantizer_kwargs: dict = option({}, "extra keyword arguments for the quantizer, as JSON")
     commitment_weight: float = option(0.25, "beta, weight of the commitment term")
-    init_codebook_from_data: bool = option(True, "start the codebook from encoder outputs of the first batch")
-    dead_code_threshold: float = option(0.5, "restart codes whose EMA count per batch is below this (0: off)")
-    dead_code_decay: float = option(0.95, "decay of the per-code EMA usage count")
+    init_codebook_from_data: bool = option(True, "quantizer 'vq': k-means init of the codebook on the first batch")
+    dead_code_threshold: float = option(0.5, "quantizer 'vq': revive codes whose usage EMA is below this (0: off)")
+    dead_code_decay: float = option(0.95, "quantizer 'vq': decay of the per-code usage EMA")
 
     PRESETS = {
         "tiny": {},
@@ -74,13 +73,18 @@ class VQVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg, cfg.embed_dim)
+        kwargs = dict(cfg.quantizer_kwargs)
+        if cfg.quantizer == "vq":  # codebook care is VectorQuantizer's own (see the module docstring)
+            care = {
+                "kmeans_init": cfg.init_codebook_from_data,
+                "threshold_ema_dead_code": cfg.dead_code_threshold,
+                "decay": cfg.dead_code_decay,
+            }
+            kwargs = care | kwargs
         self.quantizer = build_quantizer(
-            cfg.quantizer, cfg.embed_dim, cfg.codebook_size, cfg.commitment_weight, **cfg.quantizer_kwargs
+            cfg.quantizer, cfg.embed_dim, cfg.codebook_size, cfg.commitment_weight, **kwargs
         )
         self.decoder = Decoder(cfg, cfg.embed_dim)
-        self.register_buffer("codebook_initialized", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("code_usage", torch.zeros(cfg.codebook_size))
-        self._initialized: bool | None = None
 
     @property
     def factor(self) -> int:
@@ -89,14 +93,7 @@ class VQVAE(nn.Module):
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """z (B, D, h, w) -> (zq (B, D, h, w), indices (B, h, w), vq loss 0-d), in fp32."""
         with torch.autocast(z.device.type, enabled=False):
-            z = z.float()
-            if self.training:
-                self._maintain_codebook(z)
-            zq, idx, loss = self.quantizer(z)
-            own_restarts = getattr(self.quantizer, "threshold_ema_dead_code", 0) > 0
-            if self.training and self.cfg.dead_code_threshold > 0 and self._has_codebook and not own_restarts:
-                self._restart_dead_codes(z, idx)
-        return zq, idx, loss
+            return self.quantizer(z.float())
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, C, H, W) -> (x^ (B, C, H, W), indices (B, h, w), vq loss)."""
@@ -141,59 +138,10 @@ class VQVAE(nn.Module):
         """Decode uniformly random codes: (n, C, image_size, image_size). Only a prior makes real samples."""
         side = image_size // self.factor
         idx = torch.randint(0, self.cfg.codebook_size, (n, side, side), generator=generator)
-        return self.decode_indices(idx.to(self.code_usage.device))
+        return self.decode_indices(idx.to(next(self.parameters()).device))
 
     def optim_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"loss": list(self.parameters())}
-
-    # -- codebook care --------------------------------------------------------------------------
-
-    @property
-    def _has_codebook(self) -> bool:
-        """A gradient-trained (K, D) codebook this model may write (EMA codebooks keep their own statistics)."""
-        q = self.quantizer
-        embed = getattr(q, "embed", None)
-        plain = isinstance(embed, nn.Parameter) and embed.dim() == 2 and embed.shape[0] == self.cfg.codebook_size
-        return plain and not getattr(q, "ema_update", False)
-
-    def _flat(self, z: Tensor) -> Tensor:
-        return self.quantizer.project_in(z.detach().movedim(1, -1).reshape(-1, z.shape[1]))  # (N, codebook_dim)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._initialized = None  # re-read the loaded buffer on the next training forward
-        super()._load_from_state_dict(*args, **kwargs)
-
-    @torch.no_grad()
-    def _maintain_codebook(self, z: Tensor) -> None:
-        if self._initialized is None:  # a Python mirror of the buffer: one host read, not one per step
-            self._initialized = bool(self.codebook_initialized)
-        own_init = getattr(self.quantizer, "kmeans_init", False)  # the quantizer initialises itself
-        if self._initialized or not self.cfg.init_codebook_from_data or not self._has_codebook or own_init:
-            return
-        flat = self._flat(z)
-        k = self.cfg.codebook_size
-        pick = torch.randperm(flat.shape[0], device=z.device)[:k] if flat.shape[0] >= k else (
-            torch.randint(0, flat.shape[0], (k,), device=z.device))
-        self.quantizer.embed.data.copy_(flat[pick])
-        self.code_usage.fill_(flat.shape[0] / k)
-        self.codebook_initialized.fill_(True)
-        self._initialized = True
-
-    @torch.no_grad()
-    def _restart_dead_codes(self, z: Tensor, idx: Tensor) -> None:
-        # branch-free (no host sync, no data-dependent shapes): every code draws a candidate, only
-        # the dead ones take it
-        k = self.cfg.codebook_size
-        ones = torch.ones(idx.numel(), device=idx.device)
-        counts = torch.zeros(k, device=idx.device).index_add_(0, idx.reshape(-1), ones)  # (K,) this batch
-        decay = self.cfg.dead_code_decay
-        self.code_usage.mul_(decay).add_(counts, alpha=1 - decay)
-        dead = self.code_usage < self.cfg.dead_code_threshold  # (K,)
-        flat = self._flat(z)
-        candidates = flat[torch.randint(0, flat.shape[0], (k,), device=z.device)]  # (K, codebook_dim)
-        embed = self.quantizer.embed.data
-        embed.copy_(torch.where(dead[:, None], candidates.to(embed.dtype), embed))
-        self.code_usage.copy_(torch.where(dead, self.code_usage.mean(), self.code_usage))
 
 
 def psnr(mse_pm1: Tensor) -> Tensor:
