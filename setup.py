@@ -13,7 +13,10 @@ setup(
     # kernels/ ships as the subpackage fastvq.kernels (a top-level `kernels` package would collide
     # with Hugging Face's PyPI package of that name); benchmarks/ as fastvq.benchmarks, so that
     # `fastvq bench` works from an installed copy.
-    packages=["fastvq", "fastvq.ops", "fastvq.models", "fastvq.train", "fastvq.kernels", "fastvq.benchmarks"],
+    packages=[
+        "fastvq", "fastvq.reference", "fastvq.functional", "fastvq.quantizers", "fastvq.models", "fastvq.train",
+        "fastvq.kernels", "fastvq.benchmarks",
+    ],
     package_dir={"fastvq.kernels": "kernels", "fastvq.benchmarks": "benchmarks"},
     install_requires=[
         "torch>=2.4",

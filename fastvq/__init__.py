@@ -5,11 +5,8 @@
     q, idx, loss = fastvq.VectorQuantizer(dim=64, codebook_size=512)(z)
 """
 
-from fastvq.fsq import FSQ
 from fastvq.functional import code_stats, nearest_code, vector_quantize
-from fastvq.lfq import LFQ
-from fastvq.quantizer import QuantizerOutput, VectorQuantizer
-from fastvq.residual import ResidualVQ
+from fastvq.quantizers import FSQ, LFQ, QuantizerOutput, ResidualVQ, VectorQuantizer
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,7 @@ Only this subpackage imports triton. Where triton (or a kernel) is missing it st
 ``AVAILABLE`` is False and ``UNAVAILABLE_REASON`` says why, and the functional layer falls back
 to the PyTorch path for backend="auto" and raises for backend="triton".
 
-The launchers mirror ``fastvq.ops`` one for one (same names, signatures and results):
+The launchers mirror ``fastvq.reference`` one for one (same names, signatures and results):
 ``nearest_code``, ``vq_fwd``, ``vq_bwd``, ``code_stats``. They also take keyword-only extras
 (``precision=`` for the fp32 search, ``out=`` buffers) that the functional layer never passes.
 

@@ -198,7 +198,7 @@ def _segment_finish_kernel(
         # The code as a block: the interpreter mis-types (block mask) & (scalar mask).
         code_d = code + tl.zeros([BLOCK_D], dtype=tl.int64)
         scale = scale_b
-        if HAS_GRAD_LOSS:  # the same rounding order as fastvq.ops.vq_bwd: w * (g * (2 / numel))
+        if HAS_GRAD_LOSS:  # the same rounding order as fastvq.reference.vq_bwd: w * (g * (2 / numel))
             scale = scale_b * (tl.load(grad_loss_ptr).to(tl.float32) * scale_a)
         tl.store(out_ptr + code * stride_ok + d * stride_od, (acc * scale).to(out_ptr.dtype.element_ty),
                  mask=dmask & (code_d >= 0) & (code_d < K))  # fmt: skip

@@ -4,7 +4,7 @@ Forward (``vq_fwd``). The search kernel of kernels/search.py with WRITE_ZQ: afte
 argmin, the same program gathers each row's code, stores it to zq unchanged (zq == codebook[idx]
 bitwise, in codebook.dtype) and writes sqerr = ||z - e||^2 in fp32 from the difference.
 
-Backward (``vq_bwd``), as fastvq.ops.vq_bwd, with g = grad_loss read inside the kernel (no host
+Backward (``vq_bwd``), as fastvq.reference.vq_bwd, with g = grad_loss read inside the kernel (no host
 sync) and numel = N * D:
     grad_z        = grad_zq + commitment_weight * (g * 2 / numel) * (z - e)
     grad_codebook = scatter over idx of codebook_weight * (g * 2 / numel) * (e - z), fp32 sums.
@@ -57,7 +57,7 @@ def _vq_bwd_kernel(
     z = tl.load(z_ptr + rows[:, None] * stride_zn + d[None, :] * stride_zd, mask=em, other=0.0).to(tl.float32)
     e = tl.load(c_ptr + code[:, None] * stride_ck + d[None, :] * stride_cd, mask=em, other=0.0).to(tl.float32)
     diff = z - e  # [BLOCK_R, BLOCK_D] z - e in fp32
-    # Same rounding order as fastvq.ops.vq_bwd: g = grad_loss * (2 / numel), then weight * g.
+    # Same rounding order as fastvq.reference.vq_bwd: g = grad_loss * (2 / numel), then weight * g.
     g = tl.load(grad_loss_ptr).to(tl.float32) * two_over_numel
     gzq = tl.load(grad_zq_ptr + rows[:, None] * stride_gn + d[None, :] * stride_gd, mask=m, other=0.0)
     grad_z = gzq.to(tl.float32) + (commitment_weight * g) * diff
@@ -75,7 +75,7 @@ def vq_fwd(
     precision: str | None = None,
     out: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantize rows of ``z`` to their nearest (l2) codes (``fastvq.ops.vq_fwd``).
+    """Quantize rows of ``z`` to their nearest (l2) codes (``fastvq.reference.vq_fwd``).
 
     Args:
         z: (N, D) float32/float16/bfloat16, any strides; CUDA, or CPU under TRITON_INTERPRET=1.
@@ -117,7 +117,7 @@ def vq_bwd(
     *,
     out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Gradients of (zq, loss) from ``vq_fwd`` to z and to the codebook (``fastvq.ops.vq_bwd``).
+    """Gradients of (zq, loss) from ``vq_fwd`` to z and to the codebook (``fastvq.reference.vq_bwd``).
 
     Args:
         grad_zq: (N, D) float32/float16/bfloat16 gradient of zq, any strides.

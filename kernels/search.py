@@ -1,7 +1,7 @@
 """Nearest-code search: a GEMM with a running-argmin epilogue, never writing the N x K scores.
 
 What it computes. For every row x_i of x (N, D) the index of the nearest code of codebook (K, D)
-and the distance to it, as ``fastvq.ops.nearest_code``:
+and the distance to it, as ``fastvq.reference.nearest_code``:
     l2:     argmin_k ||x_i - c_k||^2 = argmin_k (0.5 ||c_k||^2 - x_i.c_k)       (||x||^2 drops out)
     cosine: argmax_k x_i.c_k / ||c_k||  = argmin_k (0 - x_i.c_k * inv||c_k||)    (||x|| > 0 drops out)
 A small kernel first writes per-code fp32 terms a_k (0.5||c_k||^2, or 0) and b_k (1/||c_k||), so
@@ -418,7 +418,7 @@ def nearest_code(
     precision: str | None = None,
     out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Index of, and distance to, the nearest code of every row of ``x`` (``fastvq.ops.nearest_code``).
+    """Index of, and distance to, the nearest code of every row of ``x`` (``fastvq.reference.nearest_code``).
 
     Args:
         x: (N, D) float32/float16/bfloat16, any strides; CUDA, or CPU under TRITON_INTERPRET=1.

@@ -1,6 +1,6 @@
 """Per-code assignment statistics: counts and sums of the rows assigned to each code.
 
-What it computes, as fastvq.ops.code_stats: counts[k] = #{i : idx_i = k} and
+What it computes, as fastvq.reference.code_stats: counts[k] = #{i : idx_i = k} and
 sums[k] = sum_{i : idx_i = k} x_i, both fp32 (fp32 accumulation whatever x's dtype). These are
 the sufficient statistics of EMA codebooks and k-means.
 
@@ -58,7 +58,7 @@ def _code_stats_fwd_kernel(
 
 
 def code_stats(x: Tensor, idx: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
-    """Count and sum the rows assigned to each code (``fastvq.ops.code_stats``).
+    """Count and sum the rows assigned to each code (``fastvq.reference.code_stats``).
 
     Args:
         x: (N, D) float32/float16/bfloat16, any strides; CUDA, or CPU under TRITON_INTERPRET=1.

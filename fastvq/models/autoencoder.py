@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastvq.metrics import psnr
 from fastvq.models.blocks import ConvNetConfig, Decoder, Encoder
 from fastvq.models.config import option
-from fastvq.models.vqvae import psnr
 
 
 @dataclass

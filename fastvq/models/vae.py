@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastvq.metrics import psnr
 from fastvq.models.blocks import ConvNetConfig, Decoder, Encoder, downsample_factor
 from fastvq.models.config import option
-from fastvq.models.vqvae import psnr
 
 
 @dataclass

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastvq.metrics import psnr
 from fastvq.models.config import option
 from fastvq.models.discriminator import PatchDiscriminator
 from fastvq.models.losses import PerceptualLoss, adaptive_weight, hinge_d_loss, hinge_g_loss
-from fastvq.models.vqvae import VQVAE, VQVAEConfig, psnr
+from fastvq.models.vqvae import VQVAE, VQVAEConfig
 
 
 @dataclass

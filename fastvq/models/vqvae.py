@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastvq.metrics import code_usage, psnr
 from fastvq.models.blocks import ConvNetConfig, Decoder, Encoder, downsample_factor
 from fastvq.models.config import option
-from fastvq.models.quantizers import build_quantizer
+from fastvq.models.quantizer_registry import build_quantizer
 
 
 @dataclass
@@ -48,20 +49,10 @@ class VQVAEConfig(ConvNetConfig):
     }
 
 
-def usage_tensors(indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
-    """(fraction of codes used, perplexity) of a batch of indices, as 0-d tensors (no host sync)."""
-    counts = torch.zeros(codebook_size, device=indices.device)
-    counts.index_add_(0, indices.reshape(-1), torch.ones(indices.numel(), device=indices.device))
-    p = counts / counts.sum().clamp_min(1)
-    return (counts > 0).float().mean(), torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
-
-
 def usage_stats(indices: Tensor, codebook_size: int) -> dict[str, float]:
-    """Code usage of a set of indices (any shape): fraction of codes used and perplexity."""
-    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).double()
-    p = counts / counts.sum().clamp_min(1)
-    perplexity = torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
-    return {"codes_used_fraction": float((counts > 0).double().mean()), "perplexity": float(perplexity)}
+    """Code usage of a set of indices (any shape): fraction of codes used and perplexity, as floats."""
+    used, ppl = code_usage(indices, codebook_size, torch.float64)
+    return {"codes_used_fraction": float(used), "perplexity": float(ppl)}
 
 
 class VQVAE(nn.Module):
@@ -106,7 +97,7 @@ class VQVAE(nn.Module):
         recon = F.mse_loss(x_hat.float(), x)
         out = {"loss": recon + vq_loss, "recon": recon.detach(), "vq": vq_loss.detach(), "psnr": psnr(recon.detach())}
         if self.training:  # the batch's code usage (fastvq.VectorQuantizer's codes_used_fraction / perplexity)
-            out["codes_used"], out["perplexity"] = usage_tensors(idx.detach(), self.cfg.codebook_size)
+            out["codes_used"], out["perplexity"] = code_usage(idx.detach(), self.cfg.codebook_size)
         return out
 
     @torch.no_grad()
@@ -142,11 +133,6 @@ class VQVAE(nn.Module):
 
     def optim_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"loss": list(self.parameters())}
-
-
-def psnr(mse_pm1: Tensor) -> Tensor:
-    """PSNR in dB of images in [0, 1], from the MSE measured on the [-1, 1] scale."""
-    return 10 * torch.log10(4.0 / mse_pm1.clamp_min(1e-10))
 
 
 def build(cfg: dict[str, Any]) -> VQVAE:

@@ -164,7 +164,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    from fastvq.data import load_dataset, load_folder, to_float
+    from fastvq.train.data import load_dataset, load_folder, to_float
     from fastvq.train.images import reconstruction_grid, save_grid
 
     model, saved = _load(args.run, args.device)

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastvq.data import to_uint8
 from fastvq.train.checkpoint import atomic_write
+from fastvq.train.data import to_uint8
 
 
 def image_grid(images: Tensor, nrow: int = 8, padding: int = 2, scale: int = 2) -> np.ndarray:

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastvq.data import ImageDataset, TensorDataset, to_float
 from fastvq.models.prior import PriorConfig, TransformerPrior
 from fastvq.train.config import TrainConfig
+from fastvq.train.data import ImageDataset, TensorDataset, to_float
 from fastvq.train.images import save_grid
 
 

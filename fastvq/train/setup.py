@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from fastvq.data import ImageDataset, load_dataset
 from fastvq.models.config import Config
 from fastvq.train.checkpoint import load_model_weights
 from fastvq.train.config import TrainConfig
+from fastvq.train.data import ImageDataset, load_dataset
 from fastvq.train.tasks import ImageTask
 from fastvq.train.trainer import resolve_device
 

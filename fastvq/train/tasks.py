@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastvq.data import ImageDataset, to_float
-from fastvq.models.vqvae import psnr, usage_stats
+from fastvq.metrics import psnr
+from fastvq.models.vqvae import usage_stats
+from fastvq.train.data import ImageDataset, to_float
 from fastvq.train.images import reconstruction_grid, save_grid
 
 

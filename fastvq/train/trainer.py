@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastvq.data import BatchIterator
 from fastvq.train.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from fastvq.train.config import TrainConfig
+from fastvq.train.data import BatchIterator
 from fastvq.train.images import plot_loss_curve, read_metrics
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastvq.ops.search import accumulation_dtype, nearest_code
+from fastvq.reference.search import accumulation_dtype, nearest_code
 
 
 def vq_fwd(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:

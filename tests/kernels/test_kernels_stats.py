@@ -1,7 +1,7 @@
-"""fastvq.kernels.code_stats (kernels/stats.py, kernels/_segment.py) against fastvq.ops.code_stats
+"""fastvq.kernels.code_stats (kernels/stats.py, kernels/_segment.py) against fastvq.reference.code_stats
 and an fp64 reference.
 
-Without CUDA the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at tiny, odd shapes.
+Without CUDA the kernels run under TRITON_INTERPRET=1 (conftest.py) at tiny, odd shapes.
 Rows are reduced in sorted-index order in chunks of 64 positions, so N in {63, 64, 65, 200} and
 skewed indices exercise segments that end at, cross, and span chunk boundaries.
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastvq
-from fastvq import kernels, ops
+from fastvq import kernels, reference
 
 triton = pytest.importorskip("triton")  # noqa: E402 (the kernels below need it; skipped without)
 tl = triton.language
@@ -53,7 +53,7 @@ def test_code_stats_matches_torch_and_fp64(shape, dtype):
     counts, sums = kernels.code_stats(x, idx, k)
     assert counts.dtype == torch.float32 and sums.dtype == torch.float32
     assert counts.shape == (k,) and sums.shape == (k, d)
-    counts_t, sums_t = ops.code_stats(x, idx, k)
+    counts_t, sums_t = reference.code_stats(x, idx, k)
     assert torch.equal(counts, counts_t)  # integers: exact
     counts64, sums64, abs64 = _reference_fp64(x, idx, k)
     # fp32 sums of exactly representable values, in some order: error <= n_k * 2^-24 * sum |x|.
@@ -70,7 +70,7 @@ def test_code_stats_segment_implementations(impl, monkeypatch):
     monkeypatch.setattr(_segment, "SCAN_IMPL", impl)
     x, idx = _case(150, 4, 3, torch.float32, skew=True)
     counts, sums = kernels.code_stats(x, idx, 4)
-    counts_t, sums_t = ops.code_stats(x, idx, 4)
+    counts_t, sums_t = reference.code_stats(x, idx, 4)
     assert torch.equal(counts, counts_t)
     torch.testing.assert_close(sums, sums_t, rtol=1e-6, atol=1e-5)
 
@@ -155,7 +155,7 @@ def test_gpu_code_stats_at_scale(dtype):
     n, k, d = 262144 + 17, 1031, 64
     x, idx = _case(n, k, d, dtype, skew=True)
     counts, sums = kernels.code_stats(x, idx, k)
-    counts_t, sums_t = ops.code_stats(x, idx, k)
+    counts_t, sums_t = reference.code_stats(x, idx, k)
     assert torch.equal(counts, counts_t)
     _, sums64, abs64 = _reference_fp64(x, idx, k)
     bound = counts[:, None].double().clamp_min(1) * 2.0**-24 * abs64

@@ -1,7 +1,7 @@
 """FSQ: grid, indices, reachability, straight-through gradient, layouts, projections, errors.
 
 The reference below is written from the paper's formulas, per element in fp64 with Python's
-math module, independently of fastvq.fsq's tensor code.
+math module, independently of fastvq.quantizers.fsq's tensor code.
 """
 
 import itertools
@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from fastvq.fsq import FSQ
-from fastvq.quantizer import QuantizerOutput
+from fastvq.quantizers.fsq import FSQ
+from fastvq.quantizers.vector_quantizer import QuantizerOutput
 
 LEVEL_SETS = [[8, 5, 5, 5], [7, 6], [3], [4, 4, 3], [9, 2, 3]]  # odd, even, mixed; 2 needs symmetry
 

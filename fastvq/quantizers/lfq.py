@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastvq._checks import check_float_tensor, check_weight, compute_dtype
-from fastvq._implicit import ImplicitCodebook
-from fastvq._layout import from_channel_last, resolve_channel_last, to_channel_last
-from fastvq.quantizer import QuantizerOutput
+from fastvq.checks import check_float_tensor, check_weight, compute_dtype
+from fastvq.quantizers.implicit import ImplicitCodebook
+from fastvq.quantizers.layout import from_channel_last, resolve_channel_last, to_channel_last
+from fastvq.quantizers.output import QuantizerOutput
 
 
 class LossBreakdown(NamedTuple):

@@ -6,8 +6,8 @@ import itertools
 import pytest
 import torch
 
-from fastvq.quantizer import QuantizerOutput, rotate_to
-from fastvq.residual import ResidualVQ
+from fastvq.quantizers.residual import ResidualVQ
+from fastvq.quantizers.vector_quantizer import QuantizerOutput, rotate_to
 
 
 def _greedy_reference(x: torch.Tensor, codebooks: list[torch.Tensor]):

@@ -7,7 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvq.data import BatchIterator, CorruptImageError, load_dataset, load_folder, make_shapes, to_float, to_uint8
+from fastvq.train.data import (
+    BatchIterator,
+    CorruptImageError,
+    load_dataset,
+    load_folder,
+    make_shapes,
+    to_float,
+    to_uint8,
+)
 
 
 def test_shapes_are_deterministic_and_well_formed():

@@ -31,10 +31,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fastvq._checks import check_float_tensor, compute_dtype
-from fastvq._implicit import ImplicitCodebook
-from fastvq._layout import from_channel_last, resolve_channel_last, to_channel_last
-from fastvq.quantizer import QuantizerOutput
+from fastvq.checks import check_float_tensor, compute_dtype
+from fastvq.quantizers.implicit import ImplicitCodebook
+from fastvq.quantizers.layout import from_channel_last, resolve_channel_last, to_channel_last
+from fastvq.quantizers.output import QuantizerOutput
 
 _EPS = 1e-3
 

@@ -1,7 +1,7 @@
-"""fastvq.kernels.vq_fwd / vq_bwd (kernels/quantize.py, kernels/_segment.py) against fastvq.ops
+"""fastvq.kernels.vq_fwd / vq_bwd (kernels/quantize.py, kernels/_segment.py) against fastvq.reference
 and the fp64 reference, and fastvq.vector_quantize(backend="triton") end to end.
 
-Without CUDA the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at tiny, odd shapes.
+Without CUDA the kernels run under TRITON_INTERPRET=1 (conftest.py) at tiny, odd shapes.
 The codebook gradient is a segmented reduction over sorted indices in chunks of 64 positions:
 N = 200 with few codes makes segments that cross one and several chunk boundaries.
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastvq
-from fastvq import kernels, ops
+from fastvq import kernels, reference
 from fastvq.testing import assert_contract, vq_reference_fp64
 
 pytestmark = pytest.mark.skipif(
@@ -52,7 +52,7 @@ def test_vq_fwd(shape, dtype):
     assert_contract(idx, z, codebook, "l2")
     ref = ((z.double() - codebook.double()[idx]) ** 2).sum(1)
     assert ((sqerr.double() - ref).abs() <= (d + 2) * 2.0**-24 * ref + 1e-30).all()
-    zq_t, idx_t, sqerr_t = ops.vq_fwd(z, codebook)
+    zq_t, idx_t, sqerr_t = reference.vq_fwd(z, codebook)
     assert torch.equal(idx, idx_t) and torch.equal(zq, zq_t)
     torch.testing.assert_close(sqerr, sqerr_t, rtol=1e-5, atol=1e-6)
 
@@ -61,7 +61,7 @@ def test_vq_fwd_mixed_dtypes_and_strides():
     z = torch.randn(40, 2 * 9, device=DEVICE)[:, ::2]
     codebook = torch.randn(9, 70, device=DEVICE, dtype=torch.bfloat16).t()
     zq, idx, sqerr = kernels.vq_fwd(z, codebook)
-    zq_t, idx_t, sqerr_t = ops.vq_fwd(z, codebook)
+    zq_t, idx_t, sqerr_t = reference.vq_fwd(z, codebook)
     assert zq.dtype == torch.bfloat16 and torch.equal(zq, zq_t) and torch.equal(idx, idx_t)
     torch.testing.assert_close(sqerr, sqerr_t, rtol=1e-5, atol=1e-6)
 
@@ -72,7 +72,7 @@ def test_vq_fwd_mixed_dtypes_and_strides():
 
 def _bwd_case(n, k, d, dtype, skew=False):
     z, codebook = _data(n, k, d, dtype)
-    idx = ops.nearest_code(z, codebook)[0]
+    idx = reference.nearest_code(z, codebook)[0]
     if skew:  # most rows on code 1: segments crossing several 64-row chunks
         idx[torch.rand(n, device=DEVICE) < 0.8] = min(1, k - 1)
     grad_zq = torch.randn(n, d, device=DEVICE).to(codebook.dtype)
@@ -97,7 +97,7 @@ def test_vq_bwd_matches_torch_and_fp64(shape, dtype):
     out = torch.full((n, d), float("nan"), dtype=dtype, device=DEVICE)
     gz, gc = kernels.vq_bwd(grad_zq, grad_loss, z, codebook, idx, cw, cbw, out=out)
     assert gz.dtype == z.dtype and gc.dtype == codebook.dtype and not gz.isnan().any()
-    gz_t, gc_t = ops.vq_bwd(grad_zq, grad_loss, z, codebook, idx, cw, cbw)
+    gz_t, gc_t = reference.vq_bwd(grad_zq, grad_loss, z, codebook, idx, cw, cbw)
     _assert_grads_close(gz, gz_t, dtype, "grad_z vs torch")
     _assert_grads_close(gc, gc_t, dtype, "grad_codebook vs torch")
     _, gz64, gc64 = vq_reference_fp64(z, codebook, idx, cw, cbw)
@@ -138,7 +138,7 @@ def test_vq_bwd_scatter_chunk_boundaries(n, impl, monkeypatch):
     grad_zq = torch.randn(n, d, device=DEVICE)
     g = torch.tensor(0.3, device=DEVICE)
     gz, gc = kernels.vq_bwd(grad_zq, g, z, codebook, idx, 0.5, 2.0)
-    gz_t, gc_t = ops.vq_bwd(grad_zq, g, z, codebook, idx, 0.5, 2.0)
+    gz_t, gc_t = reference.vq_bwd(grad_zq, g, z, codebook, idx, 0.5, 2.0)
     _assert_grads_close(gz, gz_t, torch.float32, "grad_z")
     _assert_grads_close(gc, gc_t, torch.float32, "grad_codebook")
 
@@ -148,7 +148,7 @@ def test_vq_bwd_all_rows_on_one_code():
     grad_zq, grad_loss, z, codebook, _ = _bwd_case(n, k, d, torch.float32)
     idx = torch.full((n,), 3, dtype=torch.int64, device=DEVICE)
     _, gc = kernels.vq_bwd(grad_zq, grad_loss, z, codebook, idx, 0.25, 1.0)
-    _, gc_t = ops.vq_bwd(grad_zq, grad_loss, z, codebook, idx, 0.25, 1.0)
+    _, gc_t = reference.vq_bwd(grad_zq, grad_loss, z, codebook, idx, 0.25, 1.0)
     _assert_grads_close(gc, gc_t, torch.float32, "grad_codebook")
     assert (gc[[0, 1, 2, 4]] == 0).all()
 
@@ -235,7 +235,7 @@ def test_gpu_vq_at_scale(dtype):
     assert_contract(idx[:512], z[:512], codebook, "l2")
     idx[: n // 2] = 7  # a popular code: one segment across many chunks
     gz, gc = kernels.vq_bwd(grad_zq, grad_loss, z, codebook, idx, 0.25, 1.0)
-    gz_t, gc_t = ops.vq_bwd(grad_zq, grad_loss, z, codebook, idx, 0.25, 1.0)
+    gz_t, gc_t = reference.vq_bwd(grad_zq, grad_loss, z, codebook, idx, 0.25, 1.0)
     _assert_grads_close(gz, gz_t, dtype, "grad_z")
     _assert_grads_close(gc, gc_t, dtype, "grad_codebook")
     gz2, gc2 = kernels.vq_bwd(grad_zq, grad_loss, z, codebook, idx, 0.25, 1.0)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvq
-from fastvq.ops import search as search_mod
+from fastvq.reference import search as search_mod
 from fastvq.testing import assert_contract, distances_fp64
 
 SHAPES = [(1, 1, 1), (7, 5, 3), (33, 31, 16), (100, 67, 17), (257, 1031, 3), (64, 2, 1)]

@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastvq._checks import check_float_tensor, check_indices
-from fastvq._layout import from_channel_last, resolve_channel_last, to_channel_last
+from fastvq.checks import check_float_tensor, check_indices
 from fastvq.distributed import broadcast_, is_distributed
-from fastvq.quantizer import QuantizerOutput, VectorQuantizer, rotate_to
+from fastvq.quantizers.layout import from_channel_last, resolve_channel_last, to_channel_last
+from fastvq.quantizers.vector_quantizer import QuantizerOutput, VectorQuantizer, rotate_to
 
 # VectorQuantizer options whose state or updates belong to one stage: with one codebook shared by
 # all stages they would update it once per stage per step (EMA statistics, k-means initialisation,
@@ -63,7 +63,7 @@ class ResidualVQ(nn.Module):
             ``cutoff + 1`` stages always run. In [0, num_quantizers - 1]. Default 0.
         codebook_dim: residual (code) space size; other than ``dim`` adds ``project_in`` /
             ``project_out`` around the whole stack (the stages themselves have no projections).
-        rotation_trick: the output's gradient to x by the rotation trick (``fastvq.quantizer.rotate_to``
+        rotation_trick: the output's gradient to x by the rotation trick (``rotate_to``
             from x to the sum of the codes) instead of straight-through. Default False.
         channel_last, accept_image_fmap: input layouts, as VectorQuantizer. The stack converts once
             and runs its stages channel-last.

@@ -7,8 +7,8 @@ names, signatures and results; tests hold the two against each other and an fp64
 Memory: no function holds more than ``MAX_TILE_BYTES`` of distance scores at once, whatever N is.
 """
 
-from fastvq.ops.quantize import vq_bwd, vq_fwd
-from fastvq.ops.search import MAX_TILE_BYTES, nearest_code
-from fastvq.ops.stats import code_stats
+from fastvq.reference.quantize import vq_bwd, vq_fwd
+from fastvq.reference.search import MAX_TILE_BYTES, nearest_code
+from fastvq.reference.stats import code_stats
 
 __all__ = ["MAX_TILE_BYTES", "code_stats", "nearest_code", "vq_bwd", "vq_fwd"]

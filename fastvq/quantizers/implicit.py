@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastvq._checks import check_indices
-from fastvq._layout import from_channel_last
+from fastvq.checks import check_indices
+from fastvq.quantizers.layout import from_channel_last
 
 # Materialising every code of an implicit codebook beyond this is almost surely a mistake.
 MAX_IMPLICIT_CODEBOOK = 2**24

@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 
-from fastvq.data import load_dataset
 from fastvq.models import build_model
 from fastvq.models.vae import VAEConfig
 from fastvq.models.vqvae import VQVAEConfig
 from fastvq.train.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from fastvq.train.config import TrainConfig, train_preset
+from fastvq.train.data import load_dataset
 from fastvq.train.images import image_grid, read_metrics
 from fastvq.train.tasks import ImageTask
 from fastvq.train.trainer import Trainer, lr_at

@@ -3,7 +3,7 @@ exact 2^d computation (fp64), the factorised upper bound, layouts, projections, 
 
 The reference materialises all 2^d codes and the (N, 2^d) soft assignment
 p_n(c) = softmax_c(-inv_temperature ||x_n - c||^2) straight from the distances: it shares no code
-with fastvq.lfq's factorisation.
+with fastvq.quantizers.lfq's factorisation.
 """
 
 import math
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from fastvq.lfq import LFQ, batch_code_distribution, batch_entropy, per_sample_entropy
-from fastvq.quantizer import QuantizerOutput
+from fastvq.quantizers.lfq import LFQ, batch_code_distribution, batch_entropy, per_sample_entropy
+from fastvq.quantizers.vector_quantizer import QuantizerOutput
 
 
 def _all_codes(d: int, scale: float) -> torch.Tensor:

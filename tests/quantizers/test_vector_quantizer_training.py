@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fastvq
 from fastvq import VectorQuantizer
-from fastvq.kmeans import kmeans, kmeans_plusplus
+from fastvq.quantizers.kmeans import kmeans, kmeans_plusplus
 from fastvq.testing import assert_contract, distances_fp64
 
 
@@ -252,7 +252,7 @@ def test_ddp_ema_and_kmeans_equal_one_process_on_the_joined_batch():
 
 
 def _ddp_residual_worker(rank, world, init_file, out_dir, data):
-    from fastvq.residual import ResidualVQ
+    from fastvq.quantizers.residual import ResidualVQ
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastvq import codebook_ema
-from fastvq._checks import check_float_tensor, check_weight
-from fastvq._layout import from_channel_last, resolve_channel_last, to_channel_last
+from fastvq import metrics
+from fastvq.checks import check_float_tensor, check_weight
 from fastvq.distributed import all_gather_rows, broadcast_
 from fastvq.functional import BACKENDS, code_stats, vector_quantize
-from fastvq.kmeans import kmeans
-
-
-class QuantizerOutput(NamedTuple):
-    """What every fastvq quantizer returns; unpacks like vector-quantize-pytorch's tuple."""
-
-    quantized: Tensor  # same shape and layout as the input
-    indices: Tensor  # int64, the input's shape without the feature axis (plus a heads axis if heads > 1)
-    loss: Tensor  # 0-d: codebook + commitment terms, already weighted
+from fastvq.quantizers import codebook_ema
+from fastvq.quantizers.kmeans import kmeans
+from fastvq.quantizers.layout import from_channel_last, resolve_channel_last, to_channel_last
+from fastvq.quantizers.output import QuantizerOutput
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -290,12 +282,10 @@ class VectorQuantizer(nn.Module):
                 counts, sums = code_stats(rows, codes, self.codebook_size, backend=self.backend)
                 codebook_ema.synced_batch_stats(counts, sums)
             else:  # a gradient-trained codebook needs usage counts only: O(N), no (K, D) all-reduce
-                counts = torch.zeros(self.codebook_size, device=rows.device)
-                counts.index_add_(0, codes, torch.ones(codes.shape[0], device=rows.device))
+                counts = metrics.code_counts(codes, self.codebook_size)
                 codebook_ema.synced_batch_stats(counts)
-            probs = counts / counts.sum().clamp_min(1.0)
-            perplexity.append(torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum()))
-            used_fraction.append((counts > 0).float().mean())
+            perplexity.append(metrics.perplexity(counts))
+            used_fraction.append(metrics.used_fraction(counts))
 
             codebook_ema.ema_inplace_(self.ema_count[book], counts, self.decay)
             if self.ema_update:

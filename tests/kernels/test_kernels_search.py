@@ -1,6 +1,6 @@
-"""fastvq.kernels.nearest_code (kernels/search.py) against fastvq.ops and the fp64 oracle.
+"""fastvq.kernels.nearest_code (kernels/search.py) against fastvq.reference and the fp64 oracle.
 
-Without CUDA the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at tiny, odd shapes:
+Without CUDA the kernels run under TRITON_INTERPRET=1 (conftest.py) at tiny, odd shapes:
 K = 131 spans three K tiles of the interpreter's BLOCK_K = 64 and D = 100 several D chunks, so
 the cross-tile argmin and the D loop run here too. The interpreter computes tf32 dots exactly and
 has no races: the tests marked gpu are the real test of those.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastvq
-from fastvq import kernels, ops
+from fastvq import kernels, reference
 from fastvq.testing import assert_contract, distances_fp64
 
 pytestmark = pytest.mark.skipif(
@@ -66,7 +66,7 @@ def test_matches_torch_and_oracle(shape, dtype, metric):
     assert_contract(idx, x, codebook, metric)
     _check_dist(dist, idx, x, codebook, metric)
     # Random data has no near-ties: the index must be exactly torch's.
-    idx_t, dist_t = ops.nearest_code(x, codebook, metric)
+    idx_t, dist_t = reference.nearest_code(x, codebook, metric)
     assert torch.equal(idx, idx_t)
     torch.testing.assert_close(dist, dist_t, rtol=1e-5, atol=1e-6)
 
@@ -88,7 +88,7 @@ def test_duplicated_codes_give_lowest_index(dtype, metric):
     x = codebook[rows].float() + 0.01 * torch.randn(len(rows), d, device=DEVICE)
     x = torch.cat([x, codebook[rows].float()]).to(dtype)  # noisy copies and the codes themselves
     idx, _ = kernels.nearest_code(x, codebook, metric)
-    idx_t, _ = ops.nearest_code(x, codebook, metric)
+    idx_t, _ = reference.nearest_code(x, codebook, metric)
     assert torch.equal(idx, idx_t)
     lowest = {69: 5, 5: 5, 70: 3, 130: 3, 3: 3, 36: 36, 100: 36, 7: 7, 120: 7 if metric == "cosine" else 120}
     assert idx[len(rows) :].tolist() == [lowest[r] for r in rows]
@@ -123,7 +123,7 @@ def test_small_gaps_pick_the_exact_argmin(d, metric):
     x, codebook = x.float().to(DEVICE), codebook.float().to(DEVICE)
     idx, _ = kernels.nearest_code(x, codebook, metric)
     assert_contract(idx, x, codebook, metric)
-    assert torch.equal(idx, ops.nearest_code(x, codebook, metric)[0])
+    assert torch.equal(idx, reference.nearest_code(x, codebook, metric)[0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -144,7 +144,7 @@ def test_zero_vectors(dtype):
     codebook[11] = 0
     for metric in METRICS:
         idx, dist = kernels.nearest_code(x, codebook, metric)
-        idx_t, dist_t = ops.nearest_code(x, codebook, metric)
+        idx_t, dist_t = reference.nearest_code(x, codebook, metric)
         assert torch.equal(idx, idx_t)
         torch.testing.assert_close(dist, dist_t, rtol=1e-5, atol=1e-6)
     idx, dist = kernels.nearest_code(x, codebook, "l2")
@@ -164,7 +164,7 @@ def test_non_contiguous_inputs(dtype):
         idx_c, dist_c = kernels.nearest_code(x.contiguous(), codebook.contiguous(), metric)
         assert torch.equal(idx, idx_c)
         assert torch.equal(dist, dist_c)  # same values, same arithmetic: bitwise
-        assert torch.equal(idx, ops.nearest_code(x, codebook, metric)[0])
+        assert torch.equal(idx, reference.nearest_code(x, codebook, metric)[0])
 
 
 def test_mixed_dtypes_upcast():
@@ -172,7 +172,7 @@ def test_mixed_dtypes_upcast():
     codebook = torch.randn(33, 9, device=DEVICE).to(torch.bfloat16)
     for metric in METRICS:
         idx, dist = kernels.nearest_code(x, codebook, metric)
-        idx_t, dist_t = ops.nearest_code(x, codebook, metric)
+        idx_t, dist_t = reference.nearest_code(x, codebook, metric)
         assert torch.equal(idx, idx_t)
         torch.testing.assert_close(dist, dist_t, rtol=1e-5, atol=1e-6)
 
@@ -183,13 +183,13 @@ def test_non_finite_inputs_mirror_torch(metric):
     x, codebook = _data(10, 70, 5, torch.float32)
     x[3, 2] = float("nan")
     idx, dist = kernels.nearest_code(x, codebook, metric)
-    idx_t, dist_t = ops.nearest_code(x, codebook, metric)
+    idx_t, dist_t = reference.nearest_code(x, codebook, metric)
     assert torch.equal(idx, idx_t) and torch.equal(dist.isnan(), dist_t.isnan())
     x[3, 2] = 0.0
     codebook[66, 1] = float("nan")  # torch.min picks the first NaN score: every row -> code 66
     idx, dist = kernels.nearest_code(x, codebook, metric)
     assert (idx == 66).all() and dist.isnan().all()
-    assert torch.equal(idx, ops.nearest_code(x, codebook, metric)[0])
+    assert torch.equal(idx, reference.nearest_code(x, codebook, metric)[0])
     with pytest.raises(ValueError, match="non-finite"):
         fastvq.nearest_code(x, codebook, metric, backend="triton")
 
@@ -207,7 +207,7 @@ def test_tf32_modes_rerank(precision, metric):
     assert_contract(idx, x, codebook, metric, tf32=True)
     _check_dist(dist, idx, x, codebook, metric)
     if DEVICE == "cpu":
-        assert torch.equal(idx, ops.nearest_code(x, codebook, metric)[0])
+        assert torch.equal(idx, reference.nearest_code(x, codebook, metric)[0])
 
 
 def test_precision_default_is_module_setting(monkeypatch):
@@ -301,6 +301,6 @@ def test_gpu_int64_offsets():
     codebook = torch.randn(37, d, device=DEVICE, dtype=torch.bfloat16)
     idx, dist = kernels.nearest_code(x, codebook)
     tail = slice(n - 5000, n)
-    idx_t, dist_t = ops.nearest_code(x[tail], codebook)
+    idx_t, dist_t = reference.nearest_code(x[tail], codebook)
     assert torch.equal(idx[tail], idx_t)
     torch.testing.assert_close(dist[tail], dist_t, rtol=1e-5, atol=1e-6)

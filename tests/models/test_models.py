@@ -11,10 +11,11 @@ from fastvq.models.blocks import ConvNetConfig, Decoder, Encoder
 from fastvq.models.discriminator import PatchDiscriminator
 from fastvq.models.losses import PerceptualLoss, adaptive_weight, hinge_d_loss
 from fastvq.models.prior import PriorConfig, TransformerPrior, filter_logits
-from fastvq.models.quantizers import TextbookQuantizer, build_quantizer
+from fastvq.models.quantizer_registry import build_quantizer
 from fastvq.models.vae import VAE, VAEConfig, kl_to_standard_normal
 from fastvq.models.vqgan import VQGAN, VQGANConfig
 from fastvq.models.vqvae import VQVAE, VQVAEConfig, usage_stats
+from fastvq.quantizers.textbook import TextbookQuantizer
 
 SMALL = {"ch": 8, "ch_mult": (1, 2), "codebook_size": 16, "embed_dim": 4}
 IMAGE_MODELS = {
