@@ -9,6 +9,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastvq import check as check_cli
     from fastvq.benchmarks import cli as bench_cli
     from fastvq.train import cli as train_cli
 
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench_cli.add_parser(sub)
     train_cli.add_parser(sub)  # train {ae,vae,vqvae,vqgan,prior}, sample, reconstruct
+    check_cli.add_parser(sub)  # check: the kernels on this device vs the PyTorch path and fp64
     return parser
 
 

@@ -101,3 +101,38 @@ def vq_reference_fp64(z: Tensor, codebook: Tensor, idx: Tensor, commitment_weigh
     loss = codebook_weight * ((z64.detach() - e) ** 2).mean() + commitment_weight * ((z64 - e.detach()) ** 2).mean()
     gz, gc = torch.autograd.grad(loss, (z64, c64))
     return loss.detach(), gz, gc
+
+
+def contract_excess(
+    idx: Tensor, x: Tensor, codebook: Tensor, metric: str = "l2", tf32: bool = False, chunk_bytes: int = 2**27
+) -> Tensor:
+    """Per-row (d(k^) - d(k*)) / tau of the numerics contract, (N,) fp64: <= 1 passes, 0 is the fp64 argmin.
+
+    The same test as ``assert_contract``, as a number per row instead of a raise (so a report can
+    say by how much a row misses), with +inf for an index outside [0, K) or an exact-tie violation
+    (a bitwise-equal code at a lower index). Rows are taken in chunks so that the (rows, K, D) fp64
+    oracle stays under ``chunk_bytes``: any N fits, at O(N K D) time.
+    """
+    d = x.shape[-1]
+    k = codebook.shape[0]
+    xs = x.detach().reshape(-1, d)
+    flat_idx = idx.reshape(-1).to(device=xs.device, dtype=torch.int64)
+    if flat_idx.shape[0] != xs.shape[0]:
+        raise ValueError(f"idx has {flat_idx.shape[0]} entries, x has {xs.shape[0]} rows")
+    out = torch.full((xs.shape[0],), float("inf"), dtype=torch.float64, device=xs.device)
+    cb = codebook.detach()
+    rows = max(1, chunk_bytes // (8 * k * d))
+    cols = torch.arange(k, device=xs.device)
+    for start in range(0, xs.shape[0], rows):
+        xc, ic = xs[start : start + rows], flat_idx[start : start + rows]
+        ok = (ic >= 0) & (ic < k)
+        ic = ic.clamp(0, k - 1)
+        dists = distances_fp64(xc, cb, metric)  # (rows, K)
+        excess = (dists.gather(1, ic[:, None]).squeeze(1) - dists.min(dim=1).values).clamp_min(0.0)
+        tau = contract_tau(xc, cb, metric, tf32)
+        # 0 / 0 (a zero tau and an exact argmin) is a pass; anything over a zero tau is not.
+        ratio = torch.where(excess > 0, excess / tau, torch.zeros_like(excess))
+        same = (cb[None, :, :] == cb[ic][:, None, :]).all(-1)  # (rows, K): bitwise duplicates of the choice
+        tie_broken = (same & (cols[None, :] < ic[:, None])).any(dim=1)
+        out[start : start + rows] = torch.where(ok & ~tie_broken, ratio, float("inf"))
+    return out

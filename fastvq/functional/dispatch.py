@@ -2,7 +2,9 @@
 
     "torch"  -> fastvq.reference, the PyTorch specification (any device).
     "triton" -> fastvq.kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1).
-    "auto"   -> "triton" for CUDA tensors of fp32/fp16/bf16 when the kernels import, else "torch".
+    "auto"   -> "torch" for now, CUDA included (see KERNELS_VERIFIED_ON_GPU); once the kernels have
+                passed `fastvq check` on a GPU: "triton" for CUDA tensors of fp32/fp16/bf16 when the
+                kernels import, else "torch".
 
 The backend is resolved in Python from the inputs' device and dtype (static under tracing) and
 passed to the custom ops as a string.
@@ -20,10 +22,17 @@ from fastvq import kernels, reference
 BACKENDS = ("auto", "triton", "torch")
 METRICS = ("l2", "cosine")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Whether "auto" may route CUDA tensors to the Triton kernels. False until the kernels have passed
+# `fastvq check` on a GPU (so far they have run only through the Triton interpreter, which hides
+# races and computes tf32 exactly); the commit that records a passing GPU check flips it to True.
+KERNELS_VERIFIED_ON_GPU = False
 
 
 def resolve_backend(backend: str, *tensors: Tensor) -> str:
     """Turn "auto" | "triton" | "torch" into the backend that will run ("triton" or "torch").
+
+    "auto" gives "torch" unless ``KERNELS_VERIFIED_ON_GPU`` is True, the kernels import, and every
+    tensor is a CUDA tensor of fp32/fp16/bf16. "triton" can always be asked for explicitly.
 
     Raises:
         ValueError: unknown backend name.
@@ -37,7 +46,8 @@ def resolve_backend(backend: str, *tensors: Tensor) -> str:
     on_cuda = all(t.is_cuda for t in tensors)
     kernel_dtypes = all(t.dtype in _KERNEL_DTYPES for t in tensors)
     if backend == "auto":
-        return "triton" if (kernels.AVAILABLE and on_cuda and kernel_dtypes) else "torch"
+        verified = KERNELS_VERIFIED_ON_GPU and kernels.AVAILABLE
+        return "triton" if (verified and on_cuda and kernel_dtypes) else "torch"
     if not kernels.AVAILABLE:
         raise RuntimeError(f"backend='triton' is unavailable: {kernels.UNAVAILABLE_REASON}")
     if not kernel_dtypes:

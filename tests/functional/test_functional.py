@@ -163,6 +163,28 @@ def test_backend_resolution_on_cpu():
     assert resolve_backend("triton", x) == "triton"  # CPU tensors: the interpreter (conftest sets it)
 
 
+class _FakeCudaTensor:
+    """What resolve_backend reads of a tensor (device and dtype), for a CUDA tensor without a GPU."""
+
+    is_cuda = True
+
+    def __init__(self, dtype=torch.float32):
+        self.dtype = dtype
+
+
+def test_auto_stays_on_torch_on_cuda_until_the_kernels_are_verified(monkeypatch):
+    from fastvq.functional import dispatch
+
+    monkeypatch.setattr(kernels, "AVAILABLE", True)  # as on a GPU machine with triton
+    cuda = _FakeCudaTensor()
+    assert dispatch.KERNELS_VERIFIED_ON_GPU is False  # flipped by the commit recording a passing GPU check
+    assert resolve_backend("auto", cuda, cuda) == "torch"
+    monkeypatch.setattr(dispatch, "KERNELS_VERIFIED_ON_GPU", True)
+    assert resolve_backend("auto", cuda, cuda) == "triton"
+    assert resolve_backend("auto", cuda, torch.randn(2, 2)) == "torch"  # a CPU tensor among them
+    assert resolve_backend("auto", _FakeCudaTensor(torch.float64)) == "torch"  # no fp64 kernels
+
+
 def test_code_stats_matches_a_loop():
     x = torch.randn(50, 3)
     idx = torch.randint(0, 7, (50,))
