@@ -42,12 +42,59 @@ def check_codebook(codebook: object, x: Tensor, x_name: str = "x") -> Tensor:
     return codebook
 
 
+def is_int(value: object) -> bool:
+    """True for a Python int that is not a bool (``True`` would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def int_at_least(value: object, name: str, low: int) -> int:
+    """``value`` if it is an int >= ``low``.
+
+    Raises:
+        ValueError: "{name} must be an int >= {low}, got {value!r}" (bools and floats included).
+    """
+    if not is_int(value) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def positive_int(value: object, name: str) -> int:
+    """``value`` if it is an int >= 1 (a size, a count of codes, heads or stages).
+
+    Raises:
+        ValueError: "{name} must be a positive int, got {value!r}" (bools and floats included).
+    """
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def nonnegative_int(value: object, name: str) -> int:
+    """``value`` if it is an int >= 0 (an iteration count, a start index).
+
+    Raises:
+        ValueError: "{name} must be an int >= 0, got {value!r}" (bools and floats included).
+    """
+    return int_at_least(value, name, 0)
+
+
 def check_weight(value: object, name: str) -> float:
     """A finite, non-negative loss weight as a Python float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not (is_int(value) or isinstance(value, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return float(value)
+
+
+def positive_float(value: object, name: str) -> float:
+    """``value`` as a Python float if it is a finite int or float > 0 (a scale, a temperature).
+
+    Raises:
+        ValueError: "{name} must be a finite float > 0, got {value!r}" (bools included).
+    """
+    if not (is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
     return float(value)
 
 

@@ -2,9 +2,16 @@
 
 Modules: vector_quantizer.py (VectorQuantizer), fsq.py (FSQ), lfq.py (LFQ), residual.py
 (ResidualVQ), textbook.py (the cdist + argmin baseline the benchmarks measure against).
-Parts they share: output.py (the QuantizerOutput they return), layout.py (channel-last and
-feature-map layouts), codebook_ema.py (EMA statistics, Laplace smoothing, dead-code revival),
-kmeans.py (k-means++ initialisation), implicit.py (codes computed from indices: FSQ, LFQ).
+Parts they share, for the coming family to compose instead of copy:
+  output.py       QuantizerOutput, the NamedTuple every quantizer returns
+  layout.py       channel-last, channel-first and feature-map layouts
+  assignment.py   which code a vector gets (nearest, through the fused op)
+  gradients.py    gradient estimators: straight-through, the rotation trick
+  codebook.py     codebook state and updates: EMA + Laplace smoothing, k-means init (kmeans.py),
+                  dead-code revival, DDP sync, telemetry
+  implicit.py     codes computed from indices (FSQ, LFQ)
+  residual.py     ResidualStack: a residual stack over any quantizers (ResidualVQ is one)
+  grouped.py      GroupedQuantizer: one quantizer per slice of the feature axis
 Kernel code never appears here: the modules call fastvq.functional.
 """
 

@@ -29,11 +29,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from fastvq.checks import check_float_tensor, compute_dtype
+from fastvq.checks import check_float_tensor, compute_dtype, is_int, positive_int
 from fastvq.quantizers.implicit import ImplicitCodebook
-from fastvq.quantizers.layout import from_channel_last, resolve_channel_last, to_channel_last
+from fastvq.quantizers.layout import from_channel_last, projections, resolve_channel_last, to_channel_last
 from fastvq.quantizers.output import QuantizerOutput
 
 _EPS = 1e-3
@@ -79,7 +79,7 @@ class FSQ(ImplicitCodebook):
             raise ValueError(f"levels must be a non-empty list of ints, got {levels!r}")
         min_level = 2 if preserve_symmetry else 3
         for level in levels:
-            if isinstance(level, bool) or not isinstance(level, int) or level < 2:
+            if not is_int(level) or level < 2:
                 raise ValueError(f"levels must be ints >= 2, got {list(levels)!r}")
             if level < min_level:
                 raise ValueError(
@@ -90,9 +90,7 @@ class FSQ(ImplicitCodebook):
         if codebook_size >= 2**63:
             raise ValueError(f"prod(levels) must fit an int64 index, got {codebook_size} for levels {list(levels)!r}")
         codebook_dim = len(levels)
-        dim = codebook_dim if dim is None else dim
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int or None, got {dim!r}")
+        dim = codebook_dim if dim is None else positive_int(dim, "dim")
 
         self.levels = [int(level) for level in levels]
         self.dim = dim
@@ -102,9 +100,7 @@ class FSQ(ImplicitCodebook):
         self.accept_image_fmap = accept_image_fmap
         self.channel_last = resolve_channel_last(channel_last, accept_image_fmap)
 
-        needs_projection = dim != codebook_dim
-        self.project_in = nn.Linear(dim, codebook_dim) if needs_projection else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, dim) if needs_projection else nn.Identity()
+        self.project_in, self.project_out = projections(dim, codebook_dim)
 
         # Integer buffers only (not saved: they follow from `levels`): .half() / .to(dtype) leave
         # them alone, and the float constants are derived from them in the compute dtype on use.

@@ -1,13 +1,16 @@
-"""Input layouts shared by the quantizer modules (FSQ, LFQ, ResidualVQ).
+"""Input layouts and feature sizes shared by the quantizer modules.
 
-The same rules as ``fastvq.VectorQuantizer``: features on the last axis by default,
-(B, dim, ...) with ``channel_last=False``, and (B, dim, H, W) feature maps with
-``accept_image_fmap=True``. The modules convert once to channel-last, quantize, and convert back.
+The same rules everywhere: features on the last axis by default, (B, dim, ...) with
+``channel_last=False``, and (B, dim, H, W) feature maps with ``accept_image_fmap=True``. The modules
+convert once to channel-last, quantize, and convert back; ``projections`` maps the input's feature
+size to the code size and back, ``common_input_dim`` checks that composed quantizers fit together.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+from collections.abc import Sequence
+
+from torch import Tensor, nn
 
 
 def resolve_channel_last(channel_last: bool | None, accept_image_fmap: bool) -> bool:
@@ -37,3 +40,24 @@ def to_channel_last(z: Tensor, dim: int, channel_last: bool, accept_image_fmap: 
 def from_channel_last(out: Tensor, channel_last: bool) -> Tensor:
     """Inverse of ``to_channel_last`` for an output with a trailing feature axis."""
     return out if channel_last else out.movedim(-1, 1)
+
+
+def projections(dim: int, inner: int) -> tuple[nn.Module, nn.Module]:
+    """(project_in, project_out): Linear dim -> inner and inner -> dim, or two Identity if equal."""
+    if inner == dim:
+        return nn.Identity(), nn.Identity()
+    return nn.Linear(dim, inner), nn.Linear(inner, dim)
+
+
+def common_input_dim(quantizers: Sequence[nn.Module], name: str) -> int:
+    """The input feature size ``q.dim`` that every quantizer in ``quantizers`` shares.
+
+    Raises:
+        ValueError: ``quantizers`` is empty, or their ``dim`` differ (the message names ``name``).
+    """
+    if not quantizers:
+        raise ValueError(f"{name} must hold at least one quantizer, got none")
+    dims = {q.dim for q in quantizers}
+    if len(dims) != 1:
+        raise ValueError(f"every quantizer in {name} must have the same input size dim, got {sorted(dims)}")
+    return dims.pop()

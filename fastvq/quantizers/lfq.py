@@ -35,16 +35,24 @@ Entropies are in nats; ``entropy_loss_weight`` and ``commitment_loss_weight`` we
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from fastvq.checks import check_float_tensor, check_weight, compute_dtype
+from fastvq.checks import (
+    check_float_tensor,
+    check_weight,
+    compute_dtype,
+    is_int,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+from fastvq.quantizers.gradients import straight_through
 from fastvq.quantizers.implicit import ImplicitCodebook
-from fastvq.quantizers.layout import from_channel_last, resolve_channel_last, to_channel_last
+from fastvq.quantizers.layout import from_channel_last, projections, resolve_channel_last, to_channel_last
 from fastvq.quantizers.output import QuantizerOutput
 
 
@@ -171,11 +179,11 @@ class LFQ(ImplicitCodebook):
         super().__init__()
         if dim is None and codebook_size is None:
             raise ValueError("LFQ needs dim or codebook_size (or both), got neither")
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
-            raise ValueError(f"dim must be a positive int or None, got {dim!r}")
+        if dim is not None:
+            positive_int(dim, "dim")
         if codebook_size is None:
             codebook_size = 2**dim
-        if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2:
+        if not is_int(codebook_size) or codebook_size < 2:
             raise ValueError(f"codebook_size must be an int power of two >= 2, got {codebook_size!r}")
         if codebook_size & (codebook_size - 1):
             suggestion = 1 << codebook_size.bit_length()
@@ -183,13 +191,7 @@ class LFQ(ImplicitCodebook):
         codebook_dim = codebook_size.bit_length() - 1
         if codebook_dim > 62:
             raise ValueError(f"codebook_size must be at most 2**62 (int64 indices), got 2**{codebook_dim}")
-        for name, value in (("codebook_scale", codebook_scale), ("inv_temperature", inv_temperature)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
-        if isinstance(max_exact_entropy_dim, bool) or not isinstance(max_exact_entropy_dim, int):
-            raise ValueError(f"max_exact_entropy_dim must be an int >= 0, got {max_exact_entropy_dim!r}")
-        if max_exact_entropy_dim < 0:
-            raise ValueError(f"max_exact_entropy_dim must be an int >= 0, got {max_exact_entropy_dim!r}")
+        nonnegative_int(max_exact_entropy_dim, "max_exact_entropy_dim")
 
         self.codebook_size = codebook_size
         self.codebook_dim = codebook_dim
@@ -197,15 +199,13 @@ class LFQ(ImplicitCodebook):
         self.entropy_loss_weight = check_weight(entropy_loss_weight, "entropy_loss_weight")
         self.commitment_loss_weight = check_weight(commitment_loss_weight, "commitment_loss_weight")
         self.diversity_gamma = check_weight(diversity_gamma, "diversity_gamma")
-        self.codebook_scale = float(codebook_scale)
-        self.inv_temperature = float(inv_temperature)
+        self.codebook_scale = positive_float(codebook_scale, "codebook_scale")
+        self.inv_temperature = positive_float(inv_temperature, "inv_temperature")
         self.max_exact_entropy_dim = max_exact_entropy_dim
         self.accept_image_fmap = accept_image_fmap
         self.channel_last = resolve_channel_last(channel_last, accept_image_fmap)
 
-        needs_projection = self.dim != codebook_dim
-        self.project_in = nn.Linear(self.dim, codebook_dim) if needs_projection else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, self.dim) if needs_projection else nn.Identity()
+        self.project_in, self.project_out = projections(self.dim, codebook_dim)
         # Bit weights, most significant first; int64, so .half() / .to(dtype) leave them alone.
         self.register_buffer("mask", 2 ** torch.arange(codebook_dim - 1, -1, -1, dtype=torch.int64), persistent=False)
         self.last_loss_breakdown: LossBreakdown | None = None
@@ -238,8 +238,7 @@ class LFQ(ImplicitCodebook):
         s = self.codebook_scale
         q = torch.where(positive, x.new_tensor(s), x.new_tensor(-s))
         indices = (positive.long() * self.mask).sum(dim=-1)  # (B, ...)
-        # Straight-through, exact in value: q + 0 is q bitwise; the gradient of x - sg(x) is 1.
-        quantized = q + (x - x.detach())
+        quantized = straight_through(x, q)  # q bitwise in value, the identity gradient to x
 
         commitment = torch.mean((x - q) ** 2) if x.numel() else x.new_zeros(())
         zero = x.new_zeros(())

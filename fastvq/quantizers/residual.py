@@ -1,17 +1,17 @@
-"""ResidualVQ: residual vector quantization (SoundStream, Zeghidour et al. 2021, Algorithm 1).
+"""Residual quantization (SoundStream, Zeghidour et al. 2021, Algorithm 1): a generic stack of any
+quantizers (``ResidualStack``) and ResidualVQ, the stack of ``fastvq.VectorQuantizer`` stages.
 
-A stack of ``fastvq.VectorQuantizer`` stages; stage 0 quantizes the input, stage q quantizes what
-the stages before it left over, and the output is the sum of the stages' codes:
+Stage 0 quantizes the input, stage q quantizes what the stages before it left over, and the output
+is the sum of the stages' codes:
 
-    r_0 = x;   e_q = VQ_q(r_q);   r_{q+1} = r_q - sg(e_q);   quantized = sum_q e_q
+    r_0 = x;   e_q = Q_q(r_q);   r_{q+1} = r_q - sg(e_q);   quantized = sum_q e_q
 
-Gradients. Each stage's loss (codebook + commitment) sees its own residual r_q, which depends on
-x with Jacobian I (the earlier codes are detached), so every stage's commitment term reaches the
-encoder. The output carries ONE straight-through estimator for the whole sum: d quantized / d x = I,
-as for a single VectorQuantizer and in SoundStream / EnCodec (or, with ``rotation_trick=True``, one
-rotation-trick estimator from x to the sum). vector-quantize-pytorch, whose residual is also
-detached, sums the stages' straight-through outputs, so its gradient to x is
-(number of active stages) x I.
+Gradients. Each stage's loss sees its own residual r_q, which depends on x with Jacobian I (the
+earlier codes are detached), so every stage's commitment term reaches the encoder. The output
+carries ONE straight-through estimator for the whole sum: d quantized / d x = I, as for a single
+VectorQuantizer and in SoundStream / EnCodec (or, with ``rotation_trick=True``, one rotation-trick
+estimator from x to the sum). vector-quantize-pytorch, whose residual is also detached, sums the
+stages' straight-through outputs, so its gradient to x is (number of active stages) x I.
 
 Quantize dropout (SoundStream's bitrate scalability): in training, each forward keeps stages
 0..j and drops the rest, j drawn uniformly from [quantize_dropout_cutoff_index, num_quantizers - 1]
@@ -22,14 +22,24 @@ In eval mode every stage runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastvq.checks import check_float_tensor, check_indices
+from fastvq.checks import check_float_tensor, check_indices, int_at_least, nonnegative_int, positive_int
 from fastvq.distributed import broadcast_, is_distributed
-from fastvq.quantizers.layout import from_channel_last, resolve_channel_last, to_channel_last
-from fastvq.quantizers.vector_quantizer import QuantizerOutput, VectorQuantizer, rotate_to
+from fastvq.quantizers.gradients import estimate
+from fastvq.quantizers.layout import (
+    common_input_dim,
+    from_channel_last,
+    projections,
+    resolve_channel_last,
+    to_channel_last,
+)
+from fastvq.quantizers.output import QuantizerOutput
+from fastvq.quantizers.vector_quantizer import VectorQuantizer
 
 # VectorQuantizer options whose state or updates belong to one stage: with one codebook shared by
 # all stages they would update it once per stage per step (EMA statistics, k-means initialisation,
@@ -42,13 +52,163 @@ _PER_STAGE_CODEBOOK_UPDATES = {
 }
 
 
-def _check_int(value: object, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+def draw_active_stages(num_stages: int, cutoff_index: int, generator: torch.Generator | None) -> int:
+    """How many leading stages run this batch: 1 + j, j uniform in [cutoff_index, num_stages - 1].
+
+    One CPU draw (no device synchronisation), reproducible under a seed. Under torch.distributed
+    rank 0's draw is broadcast: each stage's training forward may be a collective (EMA / usage
+    all-reduce), so ranks that ran different stages would hang or mix the stages' statistics.
+    """
+    last = torch.randint(cutoff_index, num_stages, (1,), generator=generator)
+    if is_distributed():
+        # gloo takes the CPU tensor; NCCL needs it on the rank's device.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        last = broadcast_(last.to(device)).cpu()
+    return int(last) + 1
 
 
-class ResidualVQ(nn.Module):
+class ResidualStack(nn.Module):
+    """Residual quantization over any stages that return ``QuantizerOutput`` (module docstring).
+
+    Args:
+        layers: the stages Q_0 .. Q_{Q-1} (at least one): channel-last quantizers (VectorQuantizer,
+            FSQ, LFQ, ...) with equal input size ``layer.dim`` (the residual space), whose forward
+            returns indices of the input's shape minus the feature axis and which have
+            ``codebook_size`` and ``get_output_from_indices``. Registered as ``layers``.
+        dim: feature size of the input. Default: the stages' ``dim``; any other value adds
+            ``project_in`` / ``project_out`` (Linear) around the whole stack.
+        quantize_dropout, quantize_dropout_cutoff_index: module docstring; the cutoff lies in
+            [0, Q - 1] (at least ``cutoff + 1`` stages always run). Default False, 0.
+        rotation_trick: the output's gradient by the rotation trick instead of straight-through.
+        channel_last, accept_image_fmap: input layouts, as VectorQuantizer. The stack converts once
+            and runs its stages channel-last.
+
+    Input ``z``: (B, ..., dim) float, or (B, dim, ...) when features are not last.
+    Output: ``QuantizerOutput(quantized, indices, loss)``: quantized has z's shape; indices int64
+    (..., Q), z's shape minus the feature axis plus a trailing stage axis (-1 for dropped stages);
+    loss 0-d, the sum of the active stages' losses. ``last_losses`` (Q,) holds the per-stage losses
+    of the last forward, detached (0 for dropped stages).
+
+    Raises:
+        ValueError: no stages, stages of different sizes, bad options (in ``__init__``); input of the
+        wrong shape.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        dim: int | None = None,
+        *,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        rotation_trick: bool = False,
+        channel_last: bool | None = None,
+        accept_image_fmap: bool = False,
+    ) -> None:
+        super().__init__()
+        layers = list(layers)
+        codebook_dim = common_input_dim(layers, "layers")
+        dim = codebook_dim if dim is None else positive_int(dim, "dim")
+        nonnegative_int(quantize_dropout_cutoff_index, "quantize_dropout_cutoff_index")
+        if quantize_dropout_cutoff_index >= len(layers):
+            raise ValueError(
+                f"quantize_dropout_cutoff_index must be < num_quantizers = {len(layers)}, "
+                f"got {quantize_dropout_cutoff_index}"
+            )
+        self.dim = dim
+        self.codebook_dim = codebook_dim
+        self.num_quantizers = len(layers)
+        self.quantize_dropout = bool(quantize_dropout)
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.rotation_trick = bool(rotation_trick)
+        self.accept_image_fmap = accept_image_fmap
+        self.channel_last = resolve_channel_last(channel_last, accept_image_fmap)
+
+        self.project_in, self.project_out = projections(dim, codebook_dim)
+        self.layers = nn.ModuleList(layers)
+        self.register_buffer("last_losses", torch.zeros(len(layers)), persistent=False)
+
+    @property
+    def codebooks(self) -> Tensor:
+        """(num_quantizers, K, codebook_dim): each stage's ``codebook`` (equal sizes needed), in the
+        residual space."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def forward(self, z: Tensor, *, generator: torch.Generator | None = None) -> QuantizerOutput:
+        """Quantize ``z``; see the class docstring for layouts and outputs.
+
+        Args:
+            z: (B, ..., dim) float tensor (or the layout set by channel_last / accept_image_fmap).
+            generator: CPU torch.Generator for the quantize-dropout draw; default torch's global one.
+
+        Returns:
+            QuantizerOutput(quantized, indices (..., num_quantizers), loss (0-d)).
+        """
+        check_float_tensor(z, "z", min_dim=2)
+        x = self.project_in(to_channel_last(z, self.dim, self.channel_last, self.accept_image_fmap))
+        active = self.num_quantizers
+        if self.training and self.quantize_dropout:
+            active = draw_active_stages(self.num_quantizers, self.quantize_dropout_cutoff_index, generator)
+
+        residual = x
+        quantized = None
+        indices, losses = [], []
+        for layer in self.layers[:active]:
+            e, idx, loss = layer(residual)
+            e = e.detach()  # the stage's gradient reaches x through its loss; the output has one estimator
+            residual = residual - e
+            quantized = e if quantized is None else quantized + e
+            indices.append(idx)
+            losses.append(loss)
+
+        # Exactly the sum of the codes in value; the identity gradient (straight-through) or the
+        # rotation trick's, once for the whole sum.
+        quantized = estimate(x, quantized, self.rotation_trick)
+        indices.extend(torch.full_like(indices[0], -1) for _ in range(self.num_quantizers - active))
+        stage_losses = torch.stack(losses)  # (active,)
+        with torch.no_grad():
+            self.last_losses.zero_()
+            self.last_losses[:active] = stage_losses.detach().to(self.last_losses.dtype)
+        out = self.project_out(quantized)
+        return QuantizerOutput(from_channel_last(out, self.channel_last), torch.stack(indices, -1), stage_losses.sum())
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """Decode stage indices back to the quantized output, in the forward's layout.
+
+        Args:
+            indices: int64 (..., Q') with Q' <= num_quantizers, as forward returns (or its first Q'
+                stages); -1 entries (dropped stages) and missing trailing stages contribute nothing.
+
+        Returns:
+            (..., dim) for channel-last layouts, (B, dim, ...) otherwise.
+
+        Raises:
+            TypeError: non-integer indices. ValueError: bad stage axis or out-of-range values (CPU only).
+        """
+        check_indices(indices, max(layer.codebook_size for layer in self.layers), low=-1)
+        if indices.dim() < 1 or not 1 <= indices.shape[-1] <= self.num_quantizers:
+            raise ValueError(
+                f"indices must be (..., Q) with 1 <= Q <= num_quantizers = {self.num_quantizers}, "
+                f"got shape {tuple(indices.shape)}"
+            )
+        quantized = None
+        for layer, idx in zip(self.layers, indices.unbind(-1), strict=False):  # Q' <= Q stages
+            kept = idx >= 0
+            codes = layer.get_output_from_indices(idx.clamp_min(0))  # stages are channel-last
+            codes = torch.where(kept.unsqueeze(-1), codes, torch.zeros((), dtype=codes.dtype, device=codes.device))
+            quantized = codes if quantized is None else quantized + codes
+        return from_channel_last(self.project_out(quantized), self.channel_last)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_quantizers={self.num_quantizers}, codebook_dim={self.codebook_dim}, "
+            f"quantize_dropout={self.quantize_dropout}, "
+            f"quantize_dropout_cutoff_index={self.quantize_dropout_cutoff_index}, "
+            f"rotation_trick={self.rotation_trick}, channel_last={self.channel_last}"
+        )
+
+
+class ResidualVQ(ResidualStack):
     """Residual vector quantizer: ``num_quantizers`` VectorQuantizer stages on successive residuals.
 
     Args:
@@ -101,18 +261,12 @@ class ResidualVQ(nn.Module):
         accept_image_fmap: bool = False,
         **vq_kwargs,
     ) -> None:
-        super().__init__()
-        _check_int(dim, "dim", 1)
-        _check_int(codebook_size, "codebook_size", 1)
-        _check_int(num_quantizers, "num_quantizers", 1)
-        _check_int(quantize_dropout_cutoff_index, "quantize_dropout_cutoff_index", 0)
-        if quantize_dropout_cutoff_index >= num_quantizers:
-            raise ValueError(
-                f"quantize_dropout_cutoff_index must be < num_quantizers = {num_quantizers}, "
-                f"got {quantize_dropout_cutoff_index}"
-            )
-        codebook_dim = dim if codebook_dim is None else codebook_dim
-        _check_int(codebook_dim, "codebook_dim", 1)
+        # Checked before the stages exist, so that the errors name this class's arguments (in the
+        # wording its users already match: "an int >= 1", not the stages' "a positive int").
+        int_at_least(dim, "dim", 1)
+        int_at_least(codebook_size, "codebook_size", 1)
+        int_at_least(num_quantizers, "num_quantizers", 1)
+        codebook_dim = dim if codebook_dim is None else int_at_least(codebook_dim, "codebook_dim", 1)
         if vq_kwargs.get("heads", 1) != 1:
             raise ValueError(f"ResidualVQ supports heads=1 only, got heads={vq_kwargs['heads']!r}")
         if shared_codebook:
@@ -121,117 +275,22 @@ class ResidualVQ(nn.Module):
                     raise ValueError(
                         f"shared_codebook=True supports gradient-trained codebooks only, got {name}={vq_kwargs[name]!r}"
                     )
-
-        self.dim = dim
-        self.codebook_size = codebook_size
-        self.num_quantizers = num_quantizers
-        self.codebook_dim = codebook_dim
-        self.shared_codebook = bool(shared_codebook)
-        self.quantize_dropout = bool(quantize_dropout)
-        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
-        self.rotation_trick = bool(rotation_trick)
-        self.accept_image_fmap = accept_image_fmap
-        self.channel_last = resolve_channel_last(channel_last, accept_image_fmap)
-
-        needs_projection = codebook_dim != dim
-        self.project_in = nn.Linear(dim, codebook_dim) if needs_projection else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, dim) if needs_projection else nn.Identity()
-        self.layers = nn.ModuleList(
-            VectorQuantizer(codebook_dim, codebook_size, **vq_kwargs) for _ in range(num_quantizers)
+        stages = [VectorQuantizer(codebook_dim, codebook_size, **vq_kwargs) for _ in range(num_quantizers)]
+        super().__init__(
+            stages,
+            dim,
+            quantize_dropout=quantize_dropout,
+            quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
+            rotation_trick=rotation_trick,
+            channel_last=channel_last,
+            accept_image_fmap=accept_image_fmap,
         )
+        self.codebook_size = codebook_size
+        self.shared_codebook = bool(shared_codebook)
         if shared_codebook:
             first = self.layers[0]
-            if not isinstance(first.embed, nn.Parameter) or getattr(first, "ema_update", False):
-                raise ValueError("shared_codebook=True needs stages with a gradient-trained codebook parameter")
             for layer in self.layers[1:]:
                 layer.embed = first.embed  # one Parameter, registered under every stage
-        self.register_buffer("last_losses", torch.zeros(num_quantizers), persistent=False)
-
-    @property
-    def codebooks(self) -> Tensor:
-        """(num_quantizers, codebook_size, codebook_dim): each stage's codes in the residual space."""
-        return torch.stack([layer.codebook for layer in self.layers])
-
-    def _active_stages(self, generator: torch.Generator | None) -> int:
-        if not (self.training and self.quantize_dropout):
-            return self.num_quantizers
-        # One CPU draw per batch: no device synchronisation, reproducible under a seed.
-        last = torch.randint(self.quantize_dropout_cutoff_index, self.num_quantizers, (1,), generator=generator)
-        if is_distributed():
-            # Every rank must run the same stages: each stage's training forward is a collective
-            # (EMA/usage all-reduce), so differing draws would hang or mix stages' statistics.
-            # gloo takes the CPU tensor; NCCL needs it on the rank's device.
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            last = broadcast_(last.to(device)).cpu()
-        return int(last) + 1
-
-    def forward(self, z: Tensor, *, generator: torch.Generator | None = None) -> QuantizerOutput:
-        """Quantize ``z``; see the class docstring for layouts and outputs.
-
-        Args:
-            z: (B, ..., dim) float tensor (or the layout set by channel_last / accept_image_fmap).
-            generator: CPU torch.Generator for the quantize-dropout draw; default torch's global one.
-
-        Returns:
-            QuantizerOutput(quantized, indices (..., num_quantizers), loss (0-d)).
-        """
-        check_float_tensor(z, "z", min_dim=2)
-        x = self.project_in(to_channel_last(z, self.dim, self.channel_last, self.accept_image_fmap))
-        active = self._active_stages(generator)
-
-        residual = x
-        quantized = None
-        indices, losses = [], []
-        for layer in self.layers[:active]:
-            e, idx, loss = layer(residual)
-            e = e.detach()  # the stage's gradient reaches x through its loss; the output has one STE
-            residual = residual - e
-            quantized = e if quantized is None else quantized + e
-            indices.append(idx)
-            losses.append(loss)
-
-        # One estimator for the sum: exactly the sum of the codes in value; identity gradient
-        # (straight-through) or the rotation trick's.
-        if self.rotation_trick:
-            quantized = rotate_to(x, quantized)
-        else:
-            quantized = quantized + (x - x.detach()).to(quantized.dtype)
-        dropped = self.num_quantizers - active
-        if dropped:
-            indices.extend(torch.full_like(indices[0], -1) for _ in range(dropped))
-        stage_losses = torch.stack(losses)  # (active,)
-        with torch.no_grad():
-            self.last_losses.zero_()
-            self.last_losses[:active] = stage_losses.detach().to(self.last_losses.dtype)
-        out = self.project_out(quantized)
-        return QuantizerOutput(from_channel_last(out, self.channel_last), torch.stack(indices, -1), stage_losses.sum())
-
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        """Decode stage indices back to the quantized output, in the forward's layout.
-
-        Args:
-            indices: int64 (..., Q') with Q' <= num_quantizers, as forward returns (or its first Q'
-                stages); -1 entries (dropped stages) and missing trailing stages contribute nothing.
-
-        Returns:
-            (..., dim) for channel-last layouts, (B, dim, ...) otherwise.
-
-        Raises:
-            TypeError: non-integer indices. ValueError: bad stage axis or out-of-range values (CPU only).
-        """
-        check_indices(indices, self.codebook_size, low=-1)
-        if indices.dim() < 1 or not 1 <= indices.shape[-1] <= self.num_quantizers:
-            raise ValueError(
-                f"indices must be (..., Q) with 1 <= Q <= num_quantizers = {self.num_quantizers}, "
-                f"got shape {tuple(indices.shape)}"
-            )
-        quantized = None
-        for layer, idx in zip(self.layers, indices.unbind(-1), strict=False):  # Q' <= Q stages
-            kept = idx >= 0
-            codes = layer.get_output_from_indices(idx.clamp_min(0))  # stages are channel-last
-            codes = torch.where(kept.unsqueeze(-1), codes, torch.zeros((), dtype=codes.dtype, device=codes.device))
-            quantized = codes if quantized is None else quantized + codes
-        return from_channel_last(self.project_out(quantized), self.channel_last)
 
     def extra_repr(self) -> str:
         return (

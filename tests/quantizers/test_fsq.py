@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastvq.quantizers.fsq import FSQ
-from fastvq.quantizers.vector_quantizer import QuantizerOutput
+from fastvq.quantizers.output import QuantizerOutput
 
 LEVEL_SETS = [[8, 5, 5, 5], [7, 6], [3], [4, 4, 3], [9, 2, 3]]  # odd, even, mixed; 2 needs symmetry
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastvq.quantizers.lfq import LFQ, batch_code_distribution, batch_entropy, per_sample_entropy
-from fastvq.quantizers.vector_quantizer import QuantizerOutput
+from fastvq.quantizers.output import QuantizerOutput
 
 
 def _all_codes(d: int, scale: float) -> torch.Tensor:

@@ -6,8 +6,9 @@ import itertools
 import pytest
 import torch
 
+from fastvq.quantizers.gradients import rotate_to
+from fastvq.quantizers.output import QuantizerOutput
 from fastvq.quantizers.residual import ResidualVQ
-from fastvq.quantizers.vector_quantizer import QuantizerOutput, rotate_to
 
 
 def _greedy_reference(x: torch.Tensor, codebooks: list[torch.Tensor]):

@@ -1,5 +1,6 @@
 """VectorQuantizer's family options, each against an independent reference."""
 
+import contextlib
 import os
 import tempfile
 
@@ -216,9 +217,25 @@ def test_ema_layer_compiles_without_graph_breaks():
 # -- DDP: two gloo processes on CPU ---------------------------------------------------------------
 
 
-def _ddp_worker(rank, world, init_file, out_dir, data, kwargs, steps):
+@contextlib.contextmanager
+def _gloo_group(rank, world, init_file):
+    """A gloo process group for the body, torn down in an order that cannot abort the worker."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        yield
+        # A rank can return from its last collective while its peer is still receiving that
+        # collective's data. If the fast rank then destroys the group, its connections close under
+        # the peer's read: the likely cause of a gloo worker once dying with "terminate called
+        # without an active exception" (SIGABRT, not reproduced in 40 runs since). The barrier lets
+        # every rank finish every collective before any rank tears down. On an exception there is
+        # no barrier: mp.spawn reports the error and stops the other rank.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_worker(rank, world, init_file, out_dir, data, kwargs, steps):
+    with _gloo_group(rank, world, init_file):
         torch.manual_seed(0)
         vq = VectorQuantizer(**kwargs)
         vq.train()
@@ -226,8 +243,6 @@ def _ddp_worker(rank, world, init_file, out_dir, data, kwargs, steps):
         for step in range(steps):
             vq(data[step, rank * half : (rank + 1) * half])
         torch.save({"embed": vq.embed.detach(), "ema_count": vq.ema_count}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _run_ddp(kwargs, data, steps):
@@ -254,8 +269,7 @@ def test_ddp_ema_and_kmeans_equal_one_process_on_the_joined_batch():
 def _ddp_residual_worker(rank, world, init_file, out_dir, data):
     from fastvq.quantizers.residual import ResidualVQ
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with _gloo_group(rank, world, init_file):
         torch.manual_seed(0)
         rvq = ResidualVQ(dim=3, codebook_size=5, num_quantizers=4, quantize_dropout=True, ema_update=True,
                          backend="torch")
@@ -265,8 +279,6 @@ def _ddp_residual_worker(rank, world, init_file, out_dir, data):
         gen = torch.Generator().manual_seed(100 + rank)
         kept = [int((rvq(data[rank], generator=gen).indices[0] >= 0).sum()) for _ in range(6)]
         torch.save({"kept": kept, "codebooks": rvq.codebooks.detach()}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_residual_quantize_dropout_runs_the_same_stages_on_every_rank():
