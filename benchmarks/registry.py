@@ -14,6 +14,7 @@ import torch
 
 import fastvq
 from fastvq import kernels
+from fastvq.quantizers.textbook import TextbookEMAVQ, TextbookVQ
 
 
 class Unavailable(Exception):
@@ -45,6 +46,7 @@ CPU_GRID = ("cpu-small", "cpu-large")
 GPU_GRID = ("A", "B", "C")
 OPS = ("search", "forward", "train_step", "ema_update", "vqvae_step")
 VQVAE_BATCH = 32  # 32x32 images; the tiny VQ-VAE has 8x8 latents: 2048 vectors of D per step
+VQVAE_LATENTS = 64  # code vectors per image (8x8)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -60,54 +62,6 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
     return x, codebook
 
 
-# ---------------------------------------------------------------------------------------------
-# baselines: what people write today
-
-
-class TextbookVQ(torch.nn.Module):
-    """The VQ layer of tutorials and taming-transformers: a dense N x K distance matrix,
-    argmin, and ``z + (e - z).detach()`` for the straight-through estimator."""
-
-    def __init__(self, dim: int, codebook_size: int, beta: float = 0.25):
-        super().__init__()
-        self.embed = torch.nn.Parameter(torch.randn(codebook_size, dim))
-        self.beta = beta
-
-    def forward(self, z):
-        d = (z * z).sum(1, keepdim=True) + (self.embed * self.embed).sum(1) - 2 * z @ self.embed.t()  # (N, K)
-        idx = d.argmin(1)
-        e = self.embed[idx]
-        loss = ((e - z.detach()) ** 2).mean() + self.beta * ((e.detach() - z) ** 2).mean()
-        return z + (e - z).detach(), idx, loss
-
-
-class TextbookEMAVQ(torch.nn.Module):
-    """Sonnet's VectorQuantizerEMA as usually ported: dense distances, a one-hot (N, K) matrix,
-    and the per-code sums as one_hot.T @ z."""
-
-    def __init__(self, dim: int, codebook_size: int, decay: float = 0.99, eps: float = 1e-5):
-        super().__init__()
-        self.register_buffer("embed", torch.randn(codebook_size, dim))
-        self.register_buffer("count", torch.ones(codebook_size))
-        self.register_buffer("total", self.embed.clone())
-        self.decay, self.eps = decay, eps
-
-    def forward(self, z):
-        d = (z * z).sum(1, keepdim=True) + (self.embed * self.embed).sum(1) - 2 * z @ self.embed.t()  # (N, K)
-        idx = d.argmin(1)
-        one_hot = torch.nn.functional.one_hot(idx, self.embed.shape[0]).type(z.dtype)  # (N, K)
-        e = self.embed[idx]
-        if self.training:
-            with torch.no_grad():
-                self.count.mul_(self.decay).add_(one_hot.sum(0), alpha=1 - self.decay)
-                self.total.mul_(self.decay).add_(one_hot.t() @ z, alpha=1 - self.decay)
-                n = self.count.sum()
-                smoothed = (self.count + self.eps) / (n + self.embed.shape[0] * self.eps) * n
-                self.embed.copy_(self.total / smoothed[:, None])
-        loss = 0.25 * ((e.detach() - z) ** 2).mean()
-        return z + (e - z).detach(), idx, loss
-
-
 def _vqtorch_layer(shape: Shape):
     try:
         from vector_quantize_pytorch import VectorQuantize
@@ -119,7 +73,7 @@ def _vqtorch_layer(shape: Shape):
 
 def _layer(op: str, provider: str, shape: Shape):
     ema = op == "ema_update"
-    if provider == "textbook":
+    if provider == "textbook":  # what people write today: the dense N x K distance matrix
         return TextbookEMAVQ(shape.d, shape.k) if ema else TextbookVQ(shape.d, shape.k)
     if provider == "vector-quantize-pytorch":
         return _vqtorch_layer(shape)  # its default codebook is EMA-updated in every case
@@ -190,8 +144,10 @@ def build(op: str, provider: str, shape: Shape, dtype: torch.dtype, device: str)
 
 
 def _vqvae_step(provider: str, shape: Shape, dtype: torch.dtype, device: str) -> Callable[[], object]:
-    """One training step (forward, backward, AdamW) of the tiny VQ-VAE with K codes of size D;
-    the batch is VQVAE_BATCH images, whatever the shape's N. bf16/fp16 run under autocast."""
+    """One training step (forward, backward, AdamW) of the tiny VQ-VAE with K codes of size D.
+
+    The batch is VQVAE_BATCH images (2048 code vectors), or fewer where the shape's N is smaller
+    (the quick smoke shape): N // 64 images. bf16/fp16 run under autocast."""
     from fastvq.models.vqvae import VQVAE, VQVAEConfig
 
     if provider == "textbook":
@@ -203,7 +159,8 @@ def _vqvae_step(provider: str, shape: Shape, dtype: torch.dtype, device: str) ->
                              quantizer_kwargs=kwargs)
     model = VQVAE(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.rand(VQVAE_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    batch = max(1, min(VQVAE_BATCH, shape.n // VQVAE_LATENTS))
+    x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
     amp = dtype != torch.float32
 
     def step():

@@ -1,5 +1,8 @@
+"""``python -m fastvq``: the same as the `fastvq` command."""
+
 import sys
 
 from fastvq.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -168,7 +168,7 @@ class TransformerPrior(nn.Module):
     def generate_images(self, n: int, class_label: int | None = None, **kwargs) -> Tensor:
         """Sample codes and decode them with the attached VQ model: (n, C, H, W) in about [-1, 1]."""
         if self.vq is None:
-            raise RuntimeError("no VQ model attached (prior.vq); load the prior with fastvq.train.setup.load_run")
+            raise RuntimeError("no VQ model attached (prior.vq); load the prior with fastvq.train.runs.load_run")
         labels = None
         if self.cfg.class_cond:
             labels = torch.full((n,), 0 if class_label is None else class_label, dtype=torch.long)

@@ -5,8 +5,9 @@
     "fsq"       fastvq.FSQ, finite scalar quantization: quantizer_kwargs {"levels": [...]} with
                 prod(levels) == codebook_size; no codebook, no auxiliary loss.
     "lfq"       fastvq.LFQ, lookup-free quantization: codebook_size a power of two.
-    "textbook"  the textbook PyTorch layer (cdist + argmin, z + (e - z).detach()): the baseline the
-                step-time comparison measures fastvq against.
+    "textbook"  fastvq.quantizers.textbook.TextbookQuantizer, the layer of tutorials (a dense N x K
+                distance matrix, argmin, z + (e - z).detach()): the baseline of `fastvq bench
+                --ops vqvae_step`.
 
 Every entry is built as ``QUANTIZERS[name](dim, codebook_size, commitment_weight=..., **kwargs)``,
 takes and returns (B, dim, H, W) feature maps with (B, H, W) indices in [0, codebook_size), returns

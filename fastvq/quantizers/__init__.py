@@ -1,7 +1,8 @@
 """The quantizer modules (nn.Module): VectorQuantizer and its family, built from small parts.
 
 Modules: vector_quantizer.py (VectorQuantizer), fsq.py (FSQ), lfq.py (LFQ), residual.py
-(ResidualVQ), textbook.py (the cdist + argmin baseline the benchmarks measure against).
+(ResidualVQ), textbook.py (the dense-distance textbook layers: rows, EMA, feature maps, that the
+benchmarks measure against).
 Parts they share, for the coming family to compose instead of copy:
   output.py       QuantizerOutput, the NamedTuple every quantizer returns
   layout.py       channel-last, channel-first and feature-map layouts

@@ -13,41 +13,46 @@ carry the step in their names and go first; state.json goes last and is the comm
 is renamed, it still names the previous step's files, which are deleted only afterwards. A kill at
 any moment therefore leaves one complete checkpoint, the old or the new. Every file also records its
 step inside, and loading checks they agree. Loading reads only safetensors and JSON: nothing is
-ever unpickled.
+ever unpickled. safetensors (the "train" extra) is imported where it is used, so that importing
+the trainer's modules needs only the core install.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load, save
 from torch import Tensor
 
 STATE_FILE = "state.json"
 
 
 def model_file(step: int) -> str:
+    """Name of the model weights file of the checkpoint at ``step``."""
     return f"model-{step:08d}.safetensors"
 
 
 def train_file(step: int) -> str:
+    """Name of the optimizer + RNG file of the checkpoint at ``step``."""
     return f"train-{step:08d}.safetensors"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsync'ed temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` through a fsync'ed temporary file and an atomic rename.
+
+    The file gets the permissions ``open(path, "wb")`` would give it (0o666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # os.open applies the process umask to the 0o666 itself (mkstemp would make a 0o600 file, and
+    # reading the umask means setting it); O_EXCL: never write into a file that is already there.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -66,10 +71,13 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
+    """``atomic_write`` of ``obj`` as indented JSON with sorted keys."""
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _tensors_bytes(tensors: dict[str, Tensor], step: int) -> bytes:
+    from safetensors.torch import save
+
     return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"step": str(step)})
 
 
@@ -123,6 +131,7 @@ def save_checkpoint(
 
 def _read_tensors(path: Path) -> tuple[dict[str, Tensor], int]:
     from safetensors import safe_open
+    from safetensors.torch import load
 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} is missing")

@@ -3,30 +3,56 @@
 Every config field becomes a flag (``--codebook-size 256``, ``--no-attn``) with the field's help
 text; a flag given on the command line overrides the ``--preset`` (default "tiny", sized for a CPU).
 Each run writes into runs/<model>-<YYYYmmdd-HHMMSS>/ unless --out names a folder.
+
+This is where errors become exits: the library raises ValueError / FileNotFoundError, and these
+commands turn the ones a user can fix into one line, ``error: ...``, instead of a traceback. They
+also check first that the "train" extra is installed (the library imports its packages only where
+it uses them), so that a core install gets a message naming the extra, not a failed import.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib.util
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastvq.models import MODELS
 from fastvq.models.config import Config
 from fastvq.train.checkpoint import atomic_write_json
 from fastvq.train.config import TrainConfig, train_preset
+from fastvq.train.data import load_dataset, load_folder, to_float
+from fastvq.train.images import reconstruction_grid, save_grid
+from fastvq.train.runs import load_run, prepare_run, read_run_config
+from fastvq.train.trainer import Trainer
 
 TRAINABLE = ("ae", "vae", "vqvae", "vqgan", "prior")
+# setup.py's "train" extra: {import name: package name}
+TRAIN_EXTRA = {"safetensors": "safetensors", "tqdm": "tqdm", "PIL": "Pillow", "matplotlib": "matplotlib"}
 
 
-def _model_classes(name: str) -> tuple[type[Config], type]:
-    from fastvq.models import MODELS
+def require_train_extra(command: str) -> None:
+    """Exit with a message naming the "train" extra when one of its packages is not installed."""
+    missing = [package for module, package in TRAIN_EXTRA.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(f"error: {command} needs the 'train' extra: pip install 'fastvq-torch[train]' "
+                         f"(missing: {', '.join(missing)})")
 
-    return MODELS[name]
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix (bad options, a missing or wrong run folder) into ``error: ...`` exits."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from err
 
 
 # -- config <-> flags ---------------------------------------------------------------------------
@@ -55,6 +81,7 @@ def _given(args: argparse.Namespace, cfg_cls: type[Config]) -> dict[str, Any]:
 
 
 def new_run_dir(model: str, root: str = "runs") -> Path:
+    """A folder name under ``root`` that does not exist yet: <model>-<YYYYmmdd-HHMMSS>[-i]."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path, i = Path(root) / f"{model}-{stamp}", 1
     while path.exists():
@@ -62,40 +89,33 @@ def new_run_dir(model: str, root: str = "runs") -> Path:
     return path
 
 
-def read_run_config(run: str | Path) -> dict[str, Any]:
-    path = Path(run) / "config.json"
-    if not path.is_file():
-        raise SystemExit(f"error: {str(run)!r} is not a run folder (no config.json)")
-    return json.loads(path.read_text())
-
-
 # -- train ----------------------------------------------------------------------------------------
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from fastvq.train.setup import prepare_run
-    from fastvq.train.trainer import Trainer
-
+    """``fastvq train MODEL``: a new run (or ``--resume RUN``) trained to its last step."""
+    require_train_extra("fastvq train")
     name = args.model
-    cfg_cls, _ = _model_classes(name)
-    if args.resume:
-        run_dir = Path(args.resume)
-        saved = read_run_config(run_dir)
-        if saved["model"] != name:
-            raise SystemExit(f"error: {str(run_dir)!r} is a {saved['model']!r} run, not {name!r}")
-        overrides = {k: v for k, v in _given(args, TrainConfig).items() if k in ("steps", "device")}
-        train_cfg = TrainConfig.from_dict({**saved["train_config"], **overrides})
-        model_cfg = cfg_cls.from_dict(saved["model_config"])
-        extra = {k: v for k, v in saved.items() if k not in ("model", "model_config", "train_config")}
-    else:
-        run_dir = Path(args.out) if args.out else new_run_dir(name)
-        model_cfg = cfg_cls.preset(args.preset, **_given(args, cfg_cls))
-        train_cfg = train_preset(name, args.preset, **_given(args, TrainConfig))
-        if name == "prior" and not args.vqvae:
-            raise SystemExit("error: fastvq train prior needs --vqvae RUN (a trained vqvae or vqgan run folder)")
-        extra = {"vqvae_run": str(Path(args.vqvae).resolve())} if name == "prior" else {}
-    torch.manual_seed(train_cfg.seed)
-    model, task, model_cfg = prepare_run(name, model_cfg, train_cfg, extra)
+    cfg_cls, _ = MODELS[name]
+    if name == "prior" and not (args.vqvae or args.resume):
+        raise SystemExit("error: fastvq train prior needs --vqvae RUN (a trained vqvae or vqgan run folder)")
+    with user_errors():
+        if args.resume:
+            run_dir = Path(args.resume)
+            saved = read_run_config(run_dir)
+            if saved["model"] != name:
+                raise SystemExit(f"error: {str(run_dir)!r} is a {saved['model']!r} run, not {name!r}")
+            overrides = {k: v for k, v in _given(args, TrainConfig).items() if k in ("steps", "device")}
+            train_cfg = TrainConfig.from_dict({**saved["train_config"], **overrides})
+            model_cfg = cfg_cls.from_dict(saved["model_config"])
+            extra = {k: v for k, v in saved.items() if k not in ("model", "model_config", "train_config")}
+        else:
+            run_dir = Path(args.out) if args.out else new_run_dir(name)
+            model_cfg = cfg_cls.preset(args.preset, **_given(args, cfg_cls))
+            train_cfg = train_preset(name, args.preset, **_given(args, TrainConfig))
+            extra = {"vqvae_run": str(Path(args.vqvae).resolve())} if name == "prior" else {}
+        torch.manual_seed(train_cfg.seed)
+        model, task, model_cfg = prepare_run(name, model_cfg, train_cfg, extra)
     if not args.resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", {"model": name, "model_config": model_cfg.to_dict(),
@@ -127,7 +147,7 @@ def _add_train_parser(sub: Any) -> None:
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "prior":
             p.add_argument("--vqvae", default=None, metavar="RUN", help="run folder of the trained vqvae / vqgan")
-        cfg_cls, _ = _model_classes(name)
+        cfg_cls, _ = MODELS[name]
         _add_config_flags(p, cfg_cls, cfg_cls.preset("tiny"), f"{name} model options")
         _add_config_flags(p, TrainConfig, train_preset(name, "tiny"), "training options")
         p.set_defaults(func=run_train)
@@ -136,19 +156,11 @@ def _add_train_parser(sub: Any) -> None:
 # -- sample / reconstruct -------------------------------------------------------------------------
 
 
-def _load(run: str, device: str):
-    from fastvq.train.setup import load_run
-
-    try:
-        return load_run(run, device=device)
-    except FileNotFoundError as err:
-        raise SystemExit(f"error: {err}") from err
-
-
 def run_sample(args: argparse.Namespace) -> int:
-    from fastvq.train.images import save_grid
-
-    model, saved = _load(args.run, args.device)
+    """``fastvq sample RUN``: a grid of new images from a trained prior or VAE."""
+    require_train_extra("fastvq sample")
+    with user_errors():
+        model, saved = load_run(args.run, device=args.device)
     g = torch.Generator().manual_seed(args.seed)
     if saved["model"] == "prior":
         images = model.generate_images(args.num, generator=g, temperature=args.temperature, top_k=args.top_k,
@@ -164,17 +176,19 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    from fastvq.train.data import load_dataset, load_folder, to_float
-    from fastvq.train.images import reconstruction_grid, save_grid
-
-    model, saved = _load(args.run, args.device)
+    """``fastvq reconstruct RUN``: images beside their reconstructions by a trained image model, and the PSNR."""
+    require_train_extra("fastvq reconstruct")
+    with user_errors():
+        model, saved = load_run(args.run, device=args.device)
     if saved["model"] == "prior":
         raise SystemExit("error: reconstruct takes an image model's run (ae, vae, vqvae, vqgan), not a prior")
     tc = saved["train_config"]
-    if args.images:
-        images = load_folder(args.images, tc["image_size"])[0][: args.num]
-    else:
-        images = load_dataset(tc["dataset"], tc["image_size"], tc["seed"], num_train=0, num_val=args.num)[1].images
+    with user_errors():  # a missing folder, or an unreadable image in it
+        if args.images:
+            images = load_folder(args.images, tc["image_size"])[0][: args.num]
+        else:
+            images = load_dataset(tc["dataset"], tc["image_size"], tc["seed"], num_train=0,
+                                  num_val=args.num)[1].images
     x = to_float(images[: args.num]).to(next(model.parameters()).device)
     with torch.no_grad():
         x_hat = model.reconstruct(x).float()

@@ -232,10 +232,11 @@ class BatchIterator:
     last incomplete batch of an epoch is dropped. ``state()`` / the constructor's ``epoch`` and
     ``position`` arguments save and restore where it is.
 
-    Yields (x, y): x (B, C, H, W) float in [-1, 1], y (B,) int64.
+    Yields ``dataset.batch``'s (x, y): for images x (B, C, H, W) float in [-1, 1], y (B,) int64.
     """
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int = 0, epoch: int = 0, position: int = 0):
+    def __init__(self, dataset: ImageDataset | CodeDataset, batch_size: int, seed: int = 0, epoch: int = 0,
+                 position: int = 0):
         if batch_size < 1 or batch_size > len(dataset):
             raise ValueError(f"batch_size must be in [1, {len(dataset)}] (the dataset size), got {batch_size}")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
@@ -262,15 +263,16 @@ class BatchIterator:
 
 
 @dataclass
-class TensorDataset:
-    """Any tensors in memory (e.g. code indices for the prior): x (N, ...), labels (N,) int64."""
+class CodeDataset:
+    """The prior's data: the code indices of images, codes (N, h, w) int64, with their labels (N,) int64."""
 
-    x: Tensor
+    codes: Tensor
     labels: Tensor
     num_classes: int = 1
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return self.codes.shape[0]
 
     def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        return self.x[index], self.labels[index]
+        """Codes (B, h, w) and labels (B,) at ``index``."""
+        return self.codes[index], self.labels[index]

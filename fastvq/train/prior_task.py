@@ -1,4 +1,8 @@
-"""The transformer prior's task: the codes of a trained VQ model as data, samples as pictures."""
+"""The transformer prior's task: the codes of a trained VQ model as data, samples as pictures.
+
+``prepare_prior`` takes the VQ model already loaded (fastvq.train.runs loads run folders), so this
+module depends only on the model, the data and the pictures.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from torch import nn
 
 from fastvq.models.prior import PriorConfig, TransformerPrior
 from fastvq.train.config import TrainConfig
-from fastvq.train.data import ImageDataset, TensorDataset, to_float
+from fastvq.train.data import CodeDataset, ImageDataset, to_float
 from fastvq.train.images import save_grid
+from fastvq.train.trainer import resolve_device
 
 
 @torch.no_grad()
@@ -23,7 +28,7 @@ def encode_dataset(vq: nn.Module, data: ImageDataset, device: torch.device, batc
 class PriorTask:
     """Train on code sequences; judge by validation cross-entropy and decoded samples."""
 
-    def __init__(self, train_set: TensorDataset, val_set: TensorDataset, eval_batch: int = 256) -> None:
+    def __init__(self, train_set: CodeDataset, val_set: CodeDataset, eval_batch: int = 256) -> None:
         self.train_set, self.val_set, self.eval_batch = train_set, val_set, eval_batch
 
     @torch.no_grad()
@@ -43,16 +48,12 @@ class PriorTask:
         save_grid(Path(run_dir) / "samples.png", model.generate_images(cfg.num_samples, generator=g).float())
 
 
-def prepare_prior(model_cfg: PriorConfig, train_cfg: TrainConfig, vq_run: str, train_set: ImageDataset,
+def prepare_prior(model_cfg: PriorConfig, train_cfg: TrainConfig, vq: nn.Module, train_set: ImageDataset,
                   val_set: ImageDataset) -> tuple[TransformerPrior, PriorTask, PriorConfig]:
-    """Load the VQ run, encode the datasets into codes, and size the prior from them."""
-    from fastvq.train.setup import load_run, no_grad_eval
-    from fastvq.train.trainer import resolve_device
+    """Encode the datasets into codes with the frozen ``vq`` (it has ``encode_indices``), size the prior from them.
 
-    vq, saved = load_run(vq_run, device=train_cfg.device)
-    if not hasattr(vq, "encode_indices"):
-        raise SystemExit(f"error: {vq_run!r} is a {saved['model']!r} run; the prior needs a vqvae or vqgan run")
-    vq = no_grad_eval(vq)
+    Returns (prior with ``vq`` attached, its task, ``model_cfg`` with vocab_size, seq_len and num_classes set).
+    """
     device = resolve_device(train_cfg.device)
     train_codes, val_codes = encode_dataset(vq, train_set, device), encode_dataset(vq, val_set, device)
     model_cfg.vocab_size = vq.cfg.codebook_size
@@ -60,6 +61,6 @@ def prepare_prior(model_cfg: PriorConfig, train_cfg: TrainConfig, vq_run: str, t
     model_cfg.num_classes = train_set.num_classes if model_cfg.class_cond else 0
     prior = TransformerPrior(model_cfg)
     prior.attach_vq(vq)
-    task = PriorTask(TensorDataset(train_codes, train_set.labels, train_set.num_classes),
-                     TensorDataset(val_codes, val_set.labels, val_set.num_classes))
+    task = PriorTask(CodeDataset(train_codes, train_set.labels, train_set.num_classes),
+                     CodeDataset(val_codes, val_set.labels, val_set.num_classes))
     return prior, task, model_cfg

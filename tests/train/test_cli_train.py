@@ -104,6 +104,48 @@ def test_errors_are_clear(tmp_path):
         main(["sample", str(tmp_path / "not-a-run")])
 
 
+@pytest.mark.parametrize("missing", ["safetensors", "PIL"])
+def test_train_without_the_train_extra_names_it(monkeypatch, tmp_path, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # what `import` sees when the package is not installed
+    package = {"PIL": "Pillow"}.get(missing, missing)
+    for command in (["train", "vqvae", "--out", str(tmp_path / "run")], ["sample", str(tmp_path)],
+                    ["reconstruct", str(tmp_path)]):
+        with pytest.raises(SystemExit, match=rf"fastvq {command[0]} needs the 'train' extra: pip install "
+                                             rf"'fastvq-torch\[train\]' \(missing: {package}\)"):
+            main(command)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_core_imports_none_of_the_train_extra():
+    """`import fastvq`, the models and the `fastvq` parser work in a core install (no train extra)."""
+    code = """if True:
+        import sys
+        extra = ("safetensors", "tqdm", "PIL", "matplotlib")
+        for name in extra:
+            sys.modules[name] = None  # not installed: any import of them fails
+        import fastvq, fastvq.models, fastvq.train
+        from fastvq.cli import build_parser
+        build_parser()
+        print(sorted(m for m in sys.modules if m.split(".")[0] in extra and sys.modules[m] is not None))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_prior_needs_a_vq_run(tmp_path):
+    from fastvq.models import build_model
+    from fastvq.train.checkpoint import atomic_write_json, save_checkpoint
+
+    cfg = {"ch": 8, "ch_mult": [1, 2], "in_channels": 3}
+    save_checkpoint(tmp_path / "ae" / "checkpoint", 0, build_model("ae", cfg), {}, {})
+    atomic_write_json(tmp_path / "ae" / "config.json", {"model": "ae", "model_config": cfg, "train_config": {}})
+    with pytest.raises(SystemExit, match="'ae' run; the prior needs a vqvae or vqgan run"):
+        main(["train", "prior", "--vqvae", str(tmp_path / "ae"), "--out", str(tmp_path / "p"), *TINY])
+    with pytest.raises(SystemExit, match="is not a run folder"):
+        main(["train", "prior", "--vqvae", str(tmp_path / "nothing"), "--out", str(tmp_path / "p"), *TINY])
+    assert not (tmp_path / "p").exists()
+
+
 def test_python_dash_m_fastvq_help():
     out = subprocess.run([sys.executable, "-m", "fastvq", "train", "vqvae", "--help"], capture_output=True, text=True,
                          check=True).stdout
@@ -120,7 +162,8 @@ def test_amp_and_gradient_accumulation_flags(tmp_path):
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     """Kill -9 a real training process after its first checkpoint; the resumed run's losses are the
     uninterrupted run's (wherever the kill lands, even inside a checkpoint save)."""
-    args = ["train", "vqvae", *TINY, *SMALL_NET, "--codebook-size", "16", "--steps", "60", "--eval-every", "20"]
+    # two evaluations per run, not three: the pictures and the loss curve are most of an evaluation's time
+    args = ["train", "vqvae", *TINY, *SMALL_NET, "--codebook-size", "16", "--steps", "60", "--eval-every", "30"]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "fastvq", *args, "--out", str(killed)],
