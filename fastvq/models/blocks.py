@@ -100,6 +100,19 @@ def _mid(ch: int, attn: bool, dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _levels(chans: list[int], cfg: ConvNetConfig, resample: type[nn.Module]) -> nn.Sequential:
+    """``num_res_blocks`` ResBlocks per level (channels ``chans[level]``), a ``resample`` between levels."""
+    layers: list[nn.Module] = []
+    prev = chans[0]
+    for level, ch in enumerate(chans):
+        for _ in range(cfg.num_res_blocks):
+            layers.append(ResBlock(prev, ch, cfg.dropout))
+            prev = ch
+        if level != len(chans) - 1:
+            layers.append(resample(prev))
+    return nn.Sequential(*layers)
+
+
 class Encoder(nn.Module):
     """Image (B, in_channels, H, W) -> latent (B, out_channels, H / 2^L, W / 2^L), L = len(ch_mult) - 1."""
 
@@ -107,15 +120,8 @@ class Encoder(nn.Module):
         super().__init__()
         chans = [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
-        layers: list[nn.Module] = []
-        prev = chans[0]
-        for level, ch in enumerate(chans):
-            for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(prev, ch, cfg.dropout))
-                prev = ch
-            if level != len(chans) - 1:
-                layers.append(Downsample(prev))
-        self.down = nn.Sequential(*layers)
+        self.down = _levels(chans, cfg, Downsample)
+        prev = chans[-1]
         self.mid = _mid(prev, cfg.attn, cfg.dropout)
         self.norm_out = group_norm(prev)
         self.conv_out = nn.Conv2d(prev, out_channels, 3, padding=1)
@@ -133,15 +139,8 @@ class Decoder(nn.Module):
         chans = [cfg.ch * m for m in cfg.ch_mult][::-1]  # lowest resolution first
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
         self.mid = _mid(chans[0], cfg.attn, cfg.dropout)
-        layers: list[nn.Module] = []
-        prev = chans[0]
-        for level, ch in enumerate(chans):
-            for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(prev, ch, cfg.dropout))
-                prev = ch
-            if level != len(chans) - 1:
-                layers.append(Upsample(prev))
-        self.up = nn.Sequential(*layers)
+        self.up = _levels(chans, cfg, Upsample)
+        prev = chans[-1]
         self.norm_out = group_norm(prev)
         self.conv_out = nn.Conv2d(prev, cfg.in_channels, 3, padding=1)
 
