@@ -4,7 +4,9 @@
                 PyTorch path).
     "fsq"       fastvq.FSQ, finite scalar quantization: quantizer_kwargs {"levels": [...]} with
                 prod(levels) == codebook_size; no codebook, no auxiliary loss.
-    "lfq"       fastvq.LFQ, lookup-free quantization: codebook_size a power of two.
+    "lfq"       fastvq.LFQ, lookup-free quantization: codebook_size a power of two; built with
+                exact_entropy=True (quantizer_kwargs may override) and returns fastvq.LFQOutput,
+                which unpacks like QuantizerOutput and has .loss.
     "textbook"  fastvq.quantizers.textbook.TextbookQuantizer, the layer of tutorials (a dense N x K
                 distance matrix, argmin, z + (e - z).detach()): the baseline of `fastvq bench
                 --ops vqvae_step`.
@@ -22,9 +24,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
-from fastvq import FSQ, LFQ, VectorQuantizer
+from fastvq import FSQ, LFQ, QuantizerOutput, VectorQuantizer
 from fastvq.quantizers.textbook import TextbookQuantizer
 
 
@@ -36,11 +39,22 @@ def _fsq(dim: int, codebook_size: int, *, commitment_weight: float = 0.25, level
     if levels is None or math.prod(levels) != codebook_size:
         raise ValueError(f"quantizer 'fsq' needs quantizer_kwargs levels with prod(levels) == codebook_size "
                          f"({codebook_size}), got levels={levels!r}")
-    return FSQ(list(levels), dim, accept_image_fmap=True, **kwargs)
+    return _FeatureMapFSQ(list(levels), dim, accept_image_fmap=True, **kwargs)
+
+
+class _FeatureMapFSQ(FSQ):
+    """FSQ with the registry's contract: QuantizerOutput(quantized, int64 indices, a 0-d zero loss)."""
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        quantized, indices = super().forward(z)
+        return QuantizerOutput(quantized, indices.long(), torch.zeros((), device=z.device))
 
 
 def _lfq(dim: int, codebook_size: int, *, commitment_weight: float = 0.25, **kwargs) -> nn.Module:
-    return LFQ(dim, codebook_size, commitment_loss_weight=commitment_weight, accept_image_fmap=True, **kwargs)
+    # LFQ takes the peer's keywords; channel_first for (B, dim, H, W) maps; the VQ-VAE keeps fastvq's
+    # exact entropies (O(N 2^(d/2)) memory, not the peer's dense clamped softmax) unless told otherwise.
+    kwargs = {"channel_first": True, "exact_entropy": True, **kwargs}
+    return LFQ(dim=dim, codebook_size=codebook_size, commitment_loss_weight=commitment_weight, **kwargs)
 
 
 QUANTIZERS: dict[str, Callable[..., nn.Module]] = {

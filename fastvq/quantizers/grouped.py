@@ -26,8 +26,9 @@ class GroupedQuantizer(nn.Module):
 
     Args:
         groups: the G quantizers (at least one), channel-last, with equal input size ``group.dim``
-            and forward / ``get_output_from_indices`` returning ``QuantizerOutput`` / codes like
-            VectorQuantizer, FSQ, LFQ, ResidualVQ or ResidualStack. Registered as ``groups``.
+            and forward / ``get_output_from_indices`` returning ``(quantized, indices[, loss])``
+            (no loss counts as 0) / codes like VectorQuantizer, FSQ, LFQ, ResidualVQ or
+            ResidualStack; 4-D+ inputs reach them as (B, N, group dim). Registered as ``groups``.
         channel_last, accept_image_fmap: input layouts, as VectorQuantizer; the groups run channel-last.
 
     Attributes:
@@ -72,12 +73,16 @@ class GroupedQuantizer(nn.Module):
         """
         check_float_tensor(z, "z", min_dim=2)
         x = to_channel_last(z, self.dim, self.channel_last, self.accept_image_fmap)  # (B, ..., G * gd)
-        outs = [group(part, **kwargs) for group, part in zip(self.groups, x.split(self.group_dim, -1), strict=True)]
-        losses = torch.stack([out.loss for out in outs])  # (G,)
+        # Groups see (B, N, group dim) for 4-D+ input: peer-style groups (FSQ, LFQ) read 4-D+ as channel-first.
+        flat = x if x.dim() <= 3 else x.flatten(1, -2)
+        outs = [group(part, **kwargs) for group, part in zip(self.groups, flat.split(self.group_dim, -1), strict=True)]
+        # (quantized, indices[, loss]): FSQ returns no loss
+        losses = torch.stack([out[2] if len(out) > 2 else flat.new_zeros(()) for out in outs])  # (G,)
         with torch.no_grad():
             self.last_losses.copy_(losses.detach())
-        quantized = torch.cat([out.quantized for out in outs], dim=-1)  # (B, ..., dim)
-        indices = torch.stack([out.indices for out in outs])  # (G, B, ...)
+        quantized = torch.cat([out[0] for out in outs], dim=-1).reshape(x.shape)  # (B, ..., dim)
+        rest = [out[1].shape[flat.dim() - 1 :] for out in outs]  # trailing index axes (e.g. stages)
+        indices = torch.stack([out[1].reshape(*x.shape[:-1], *r) for out, r in zip(outs, rest, strict=True)])
         return QuantizerOutput(from_channel_last(quantized, self.channel_last), indices, losses.sum())
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:

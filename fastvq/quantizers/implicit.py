@@ -16,7 +16,9 @@ class ImplicitCodebook(nn.Module):
     """Base for quantizers whose codes follow from their indices.
 
     Subclasses set ``codebook_size``, ``channel_last``, ``project_out`` and implement
-    ``indices_to_codes(indices, dtype=torch.float32)`` and ``_code_device``.
+    ``indices_to_codes(indices, dtype=torch.float32)`` (codes before ``project_out``) and
+    ``_code_device``; a subclass whose ``indices_to_codes`` projects out (the peer's contract)
+    overrides ``indices_to_implicit_codes`` instead.
     """
 
     codebook_size: int
@@ -29,6 +31,10 @@ class ImplicitCodebook(nn.Module):
     def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         raise NotImplementedError
 
+    def indices_to_implicit_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(*indices.shape, code dim) in ``dtype``: the implicit codes, before ``project_out``."""
+        return self.indices_to_codes(indices, dtype)
+
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """Quantized output for indices, in the forward's layout (projected out if there are projections).
 
@@ -40,7 +46,7 @@ class ImplicitCodebook(nn.Module):
             projections' dtype when there are projections.
         """
         weight = getattr(self.project_out, "weight", None)
-        codes = self.indices_to_codes(indices, torch.float32 if weight is None else weight.dtype)
+        codes = self.indices_to_implicit_codes(indices, torch.float32 if weight is None else weight.dtype)
         return from_channel_last(self.project_out(codes), self.channel_last)
 
     @property
@@ -50,7 +56,7 @@ class ImplicitCodebook(nn.Module):
             raise ValueError(
                 f"implicit_codebook would materialise {self.codebook_size} codes (limit {MAX_IMPLICIT_CODEBOOK})"
             )
-        return self.indices_to_codes(torch.arange(self.codebook_size, device=self._code_device))
+        return self.indices_to_implicit_codes(torch.arange(self.codebook_size, device=self._code_device))
 
     @property
     def codebook(self) -> Tensor:

@@ -73,7 +73,8 @@ class ResidualStack(nn.Module):
     Args:
         layers: the stages Q_0 .. Q_{Q-1} (at least one): channel-last quantizers (VectorQuantizer,
             FSQ, LFQ, ...) with equal input size ``layer.dim`` (the residual space), whose forward
-            returns indices of the input's shape minus the feature axis and which have
+            returns ``(quantized, indices[, loss])`` (no loss counts as 0; 4-D+ inputs reach the
+            stages as (B, N, dim)), indices of the input's shape minus the feature axis, and which have
             ``codebook_size`` and ``get_output_from_indices``. Registered as ``layers``.
         dim: feature size of the input. Default: the stages' ``dim``; any other value adds
             ``project_in`` / ``project_out`` (Linear) around the whole stack.
@@ -150,20 +151,21 @@ class ResidualStack(nn.Module):
         if self.training and self.quantize_dropout:
             active = draw_active_stages(self.num_quantizers, self.quantize_dropout_cutoff_index, generator)
 
-        residual = x
+        # Stages see (B, N, dim) for 4-D+ input: peer-style stages (FSQ, LFQ) read 4-D+ as channel-first.
+        residual = x if x.dim() <= 3 else x.flatten(1, -2)
         quantized = None
         indices, losses = [], []
         for layer in self.layers[:active]:
-            e, idx, loss = layer(residual)
+            e, idx, *loss = layer(residual)  # (quantized, indices[, loss]): FSQ returns no loss
             e = e.detach()  # the stage's gradient reaches x through its loss; the output has one estimator
             residual = residual - e
             quantized = e if quantized is None else quantized + e
-            indices.append(idx)
-            losses.append(loss)
+            indices.append(idx.long().reshape(*x.shape[:-1], *idx.shape[residual.dim() - 1 :]))
+            losses.append(loss[0] if loss else residual.new_zeros(()))
 
         # Exactly the sum of the codes in value; the identity gradient (straight-through) or the
         # rotation trick's, once for the whole sum.
-        quantized = estimate(x, quantized, self.rotation_trick)
+        quantized = estimate(x, quantized.reshape(x.shape), self.rotation_trick)
         indices.extend(torch.full_like(indices[0], -1) for _ in range(self.num_quantizers - active))
         stage_losses = torch.stack(losses)  # (active,)
         with torch.no_grad():
