@@ -78,7 +78,15 @@ def _layer(op: str, provider: str, shape: Shape):
     if provider == "vector-quantize-pytorch":
         return _vqtorch_layer(shape)  # its default codebook is EMA-updated in every case
     backend = {"fastvq-torch": "torch", "fastvq-triton": "triton"}[provider]
-    return fastvq.VectorQuantizer(dim=shape.d, codebook_size=shape.k, ema_update=ema, backend=backend)
+    # Pinned to the configuration the recorded results were measured with (VQ-VAE paper: gradient
+    # codebook, beta 0.25, straight-through; EMA rows: decay 0.99), not to the drop-in defaults.
+    if ema:
+        options = {"ema_update": True, "decay": 0.99}
+    else:
+        options = {"ema_update": False, "learnable_codebook": True, "codebook_weight": 1.0, "codebook_init": "normal"}
+    return fastvq.VectorQuantizer(
+        dim=shape.d, codebook_size=shape.k, commitment_weight=0.25, rotation_trick=False, backend=backend, **options
+    )
 
 
 def _check_triton(device: str) -> None:

@@ -30,8 +30,19 @@ from torch import nn
 from fastvq import FSQ, LFQ, QuantizerOutput, VectorQuantizer
 from fastvq.quantizers.textbook import TextbookQuantizer
 
+# What the bundled models train with, pinned (VectorQuantizer's own defaults are vector-quantize-pytorch's:
+# EMA codebook, rotation trick, kaiming-uniform init, no loss in eval): a gradient-trained codebook with the
+# VQ-VAE losses (codebook term 1.0), straight-through, standard-normal init, the loss also in validation.
+VQVAE_QUANTIZER_OPTIONS = {
+    "ema_update": False, "learnable_codebook": True, "codebook_weight": 1.0, "rotation_trick": False,
+    "codebook_init": "normal", "eval_loss": True,
+}
+
 
 def _fastvq(dim: int, codebook_size: int, *, commitment_weight: float = 0.25, **kwargs) -> nn.Module:
+    kwargs = VQVAE_QUANTIZER_OPTIONS | kwargs
+    if kwargs.get("ema_update"):  # an EMA codebook asked for: no gradient, no codebook term
+        kwargs = kwargs | {"learnable_codebook": False, "codebook_weight": None}
     return VectorQuantizer(dim, codebook_size, commitment_weight=commitment_weight, accept_image_fmap=True, **kwargs)
 
 

@@ -1,6 +1,6 @@
 """The quantizer modules (nn.Module): VectorQuantizer and its family, built from small parts.
 
-Modules: vector_quantizer.py (VectorQuantizer), fsq.py (FSQ), lfq.py (LFQ), residual.py
+Modules: vector_quantizer.py (VectorQuantizer, alias VectorQuantize), fsq.py (FSQ), lfq.py (LFQ), residual.py
 (ResidualVQ), textbook.py (the dense-distance textbook layers: rows, EMA, feature maps, that the
 benchmarks measure against).
 Parts they share, for the coming family to compose instead of copy:
@@ -16,10 +16,10 @@ Parts they share, for the coming family to compose instead of copy:
 Kernel code never appears here: the modules call fastvq.functional.
 """
 
-from fastvq.quantizers.fsq import FSQ
+from fastvq.quantizers.fsq import FSQ, FSQOutput
 from fastvq.quantizers.lfq import LFQ
 from fastvq.quantizers.output import QuantizerOutput
 from fastvq.quantizers.residual import ResidualVQ
-from fastvq.quantizers.vector_quantizer import VectorQuantizer
+from fastvq.quantizers.vector_quantizer import VectorQuantize, VectorQuantizer
 
-__all__ = ["FSQ", "LFQ", "QuantizerOutput", "ResidualVQ", "VectorQuantizer"]
+__all__ = ["FSQ", "LFQ", "FSQOutput", "QuantizerOutput", "ResidualVQ", "VectorQuantize", "VectorQuantizer"]

@@ -8,12 +8,12 @@ so that a code that is never used does not divide by zero. The per-step update i
 with no host synchronisation (no .item(), no Python branch on values): it compiles and never
 stalls a GPU. Only the one-time k-means initialisation synchronises (it gathers rows over ranks).
 
-Who owns what. The tensors (codes, ``ema_count``, ``ema_sum``, ``initted`` and the telemetry
-buffers) stay registered on the quantizer module that uses them, so its state_dict keys are the
-ones checkpoints already hold and ``.to()`` moves them with the module: ``CodebookBuffers``, the
-quantizer's base class, registers them and keeps the EMA in fp32. ``CodebookUpdater`` holds only
-the hyper-parameters and is handed the tensors of one codebook (a ``CodebookState``) on every
-call, so it can never keep a stale tensor after ``.to()``.
+Who owns what. The tensors (codes, EMA buffers, ``initted`` and the telemetry buffers) live on
+``Codebook``, the quantizer's ``_codebook`` submodule, so state_dict keys are
+vector-quantize-pytorch's (``_codebook.embed``, ``_codebook.cluster_size``, ...) and ``.to()``
+moves them with the module; it keeps the EMA in fp32. ``CodebookUpdater`` holds only the
+hyper-parameters and is handed the tensors of one codebook (a ``CodebookState``) on every call,
+so it can never keep a stale tensor after ``.to()``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from fastvq.distributed import all_gather_rows, all_reduce_sum_, broadcast_
 from fastvq.functional import BACKENDS, code_stats
 from fastvq.quantizers.kmeans import kmeans
 
-# EMA accumulators that stay float32 whatever the module's dtype (CodebookBuffers._apply).
-FP32_BUFFERS = ("ema_count", "ema_sum")
+# EMA accumulators that stay float32 whatever the module's dtype (Codebook._apply).
+FP32_BUFFERS = ("cluster_size", "embed_avg")
 
 
 def ema_inplace_(average: Tensor, new: Tensor, decay: float) -> None:
@@ -96,34 +96,42 @@ class CodeUsage(NamedTuple):
     dead: Tensor  # int64: codes revived now, or (no revival) codes whose usage EMA has vanished
 
 
-class CodebookBuffers(nn.Module):
-    """Base class of a quantizer that owns codebook state: its buffers and the hooks they need.
+class Codebook(nn.Module):
+    """The codebook state of one quantizer, registered as its ``_codebook`` submodule.
 
-    A base class rather than a submodule: the buffers must sit on the quantizer itself, where
-    checkpoints hold them (``ema_count``, not ``codebook.ema_count``). It adds no parameters and no
-    state of its own until ``register_codebook_state`` is called.
+    Its state_dict keys are vector-quantize-pytorch's: ``embed`` (books, K, D), a Parameter when
+    the codebook is trained by gradient and a buffer otherwise; ``initted`` (0-d bool);
+    ``cluster_size`` (books, K) the usage EMA and ``embed_avg`` (books, K, D) the EMA of the
+    assigned rows' sums, both kept float32 whatever the module's dtype. As in the peer every code
+    starts as if seen once at its initial value (count 1, sum = code), so the EMA ratio
+    ``embed_avg / cluster_size`` equals the code from the first step on. Telemetry buffers
+    (``perplexity``, ``codes_used_fraction``, ``dead_codes``, 0-d) are not saved.
+
+    Args:
+        init: (books, K, D) the initial codes.
+        learnable: register ``embed`` as a Parameter (gradient-trained) or a buffer.
+        initted: False when the first training batch is still to initialise the codes (k-means).
     """
 
-    def register_codebook_state(self, init: Tensor, initted: bool) -> None:
-        """Register the EMA, init-flag and telemetry buffers of ``init.shape[0]`` codebooks.
-
-        Args:
-            init: (books, K, D) the initial codes.
-            initted: False when the first training batch is still to initialise the codes (k-means).
-
-        Registers ``ema_count`` (books, K), ``ema_sum`` (books, K, D) float32 and ``initted`` (0-d
-        bool), saved in the state_dict, and ``perplexity``, ``codes_used_fraction``, ``dead_codes``
-        (0-d, not saved); ``_initted`` mirrors ``initted`` as a Python bool (no host sync to read it).
-        """
-        # Every code starts as if seen once at its initial value (count 1, sum = code): the EMA
-        # ratio sum / count then equals the code from the first step on, used or not.
-        self.register_buffer("ema_count", torch.ones(init.shape[:2]))
-        self.register_buffer("ema_sum", init.detach().float().clone())
+    def __init__(self, init: Tensor, *, learnable: bool, initted: bool) -> None:
+        super().__init__()
+        init = init.detach().clone()
+        if learnable:
+            self.embed = nn.Parameter(init)
+        else:
+            self.register_buffer("embed", init)
         self.register_buffer("initted", torch.tensor(initted))
+        self.register_buffer("cluster_size", torch.ones(init.shape[:2]))
+        self.register_buffer("embed_avg", init.float().clone())
         self.register_buffer("perplexity", torch.zeros(()), persistent=False)
         self.register_buffer("codes_used_fraction", torch.zeros(()), persistent=False)
         self.register_buffer("dead_codes", torch.zeros((), dtype=torch.int64), persistent=False)
         self._initted = initted
+
+    def states(self) -> list[CodebookState]:
+        """Per codebook, views of its codes and EMA buffers (updated in place by the updater)."""
+        books = range(self.embed.shape[0])
+        return [CodebookState(self.embed[b], self.cluster_size[b], self.embed_avg[b]) for b in books]
 
     def mark_initted(self) -> None:
         """Record that the codes have been initialised (buffer and Python mirror)."""
@@ -140,7 +148,7 @@ class CodebookBuffers(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(bf16) / .half() would round the EMA accumulators to 8 or 11 bits, after which small
         # (1 - decay) updates vanish and the EMA freezes: they follow the device, never the dtype.
-        before = {name: self._buffers[name] for name in FP32_BUFFERS if name in self._buffers}
+        before = {name: self._buffers[name] for name in FP32_BUFFERS}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
@@ -150,32 +158,39 @@ class CodebookBuffers(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if "initted" in self._buffers:
-            self._initted = bool(self.initted)
+        self._initted = bool(self.initted)
 
 
 def resolve_training_mode(
-    ema_update: bool, learnable_codebook: bool | None, codebook_weight: float | None
-) -> tuple[bool, float]:
-    """(learnable_codebook, codebook_weight) with their defaults: gradient training and weight 1,
-    or with ``ema_update`` no gradient and weight 0 (the EMA, not a gradient, moves the codes).
+    ema_update: bool | None, learnable_codebook: bool | None, codebook_weight: float | None, commitment_weight: float
+) -> tuple[bool, bool, float]:
+    """(ema_update, learnable_codebook, codebook_weight) with vector-quantize-pytorch's defaults.
+
+    ``ema_update`` defaults to True (False when ``learnable_codebook=True`` is asked for, where the
+    peer would fail), ``learnable_codebook`` to False. Neither (ema_update=False alone) is the
+    peer's frozen codebook (only dead-code revival, if any, changes it). ``codebook_weight``, the
+    weight of mean((sg(z) - e)^2), defaults as the peer's single loss mean((z - e)^2) *
+    commitment_weight implies: ``commitment_weight`` for a learnable codebook, else 0.
 
     Raises:
-        ValueError: a combination that would train the codes twice (EMA and gradient) or never.
+        ValueError: a combination that would train the codes twice (EMA and gradient), or a
+        codebook weight on a codebook that has no gradient.
     """
     if learnable_codebook is None:
-        learnable_codebook = not ema_update
+        learnable_codebook = False
+    if ema_update is None:
+        ema_update = not learnable_codebook
     if ema_update and learnable_codebook:
         raise ValueError(
             "ema_update=True updates the codebook itself: it cannot be combined with learnable_codebook=True"
         )
-    if not ema_update and not learnable_codebook:
-        raise ValueError("learnable_codebook=False needs ema_update=True, or the codebook would never be trained")
-    if ema_update and codebook_weight:
-        raise ValueError(f"codebook_weight must be 0 (or None) with ema_update=True, got {codebook_weight}")
+    if not learnable_codebook and codebook_weight:
+        raise ValueError(
+            f"codebook_weight must be 0 (or None) without learnable_codebook=True, got {codebook_weight}"
+        )
     if codebook_weight is None:
-        codebook_weight = 0.0 if ema_update else 1.0
-    return learnable_codebook, codebook_weight
+        codebook_weight = commitment_weight if learnable_codebook else 0.0
+    return bool(ema_update), bool(learnable_codebook), codebook_weight
 
 
 @dataclass(frozen=True)

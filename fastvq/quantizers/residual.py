@@ -217,7 +217,7 @@ class ResidualVQ(ResidualStack):
         dim: feature size of the input.
         codebook_size: number of codes K of every stage.
         num_quantizers: number of stages Q >= 1.
-        shared_codebook: all stages use one codebook parameter (``layers[0].embed``). Only with
+        shared_codebook: all stages use one codebook module (``layers[0]._codebook``). Only with
             gradient-trained codebooks (no EMA / k-means init / dead-code revival options). Default False.
         quantize_dropout: in training, drop a random number of trailing stages per batch (module
             docstring). Default False.
@@ -277,7 +277,10 @@ class ResidualVQ(ResidualStack):
                     raise ValueError(
                         f"shared_codebook=True supports gradient-trained codebooks only, got {name}={vq_kwargs[name]!r}"
                     )
-        stages = [VectorQuantizer(codebook_dim, codebook_size, **vq_kwargs) for _ in range(num_quantizers)]
+        # The stack's estimator carries the output gradient (stage outputs are detached): a stage's own
+        # rotation trick would only cost time.
+        stage_kwargs = {"rotation_trick": False} | vq_kwargs
+        stages = [VectorQuantizer(codebook_dim, codebook_size, **stage_kwargs) for _ in range(num_quantizers)]
         super().__init__(
             stages,
             dim,
@@ -292,7 +295,7 @@ class ResidualVQ(ResidualStack):
         if shared_codebook:
             first = self.layers[0]
             for layer in self.layers[1:]:
-                layer.embed = first.embed  # one Parameter, registered under every stage
+                layer._codebook = first._codebook  # one codebook (the peer's), registered under every stage
 
     def extra_repr(self) -> str:
         return (

@@ -104,7 +104,7 @@ def test_codebook_starts_from_kmeans_of_encoder_outputs():
     z = model.encoder(x).detach().movedim(1, -1).reshape(-1, 4)
     random_codes = model.quantizer.embed.detach().clone()
     model.training_losses(x)
-    assert model.quantizer._initted and bool(model.quantizer.initted)
+    assert model.quantizer._codebook._initted and bool(model.quantizer._codebook.initted)
     codes = model.quantizer.embed.detach()
 
     def error(c):  # mean squared distance of the batch to its nearest code
@@ -301,3 +301,13 @@ def test_ema_quantizers_keep_their_own_codebook_care():
     before = model.quantizer.embed.detach().clone()
     model.training_losses(_images())
     assert not torch.equal(before, model.quantizer.embed.detach())  # the EMA update did move it
+
+
+def test_vqvae_quantizer_pins_its_training_choices():
+    """VectorQuantizer's defaults are vector-quantize-pytorch's; the VQ-VAE keeps what it trains with."""
+    vq = build_quantizer("vq", 4, 16, 0.25)
+    assert not vq.ema_update and vq.learnable_codebook and not vq.rotation_trick
+    assert (vq.commitment_weight, vq.codebook_weight, vq.codebook_dim, vq.eval_loss) == (0.25, 1.0, 4, True)
+    assert [name for name, _ in vq.named_parameters()] == ["_codebook.embed"]
+    ema = build_quantizer("vq", 4, 16, 0.25, ema_update=True)
+    assert ema.ema_update and not ema.learnable_codebook and ema.codebook_weight == 0.0

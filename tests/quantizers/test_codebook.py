@@ -1,6 +1,6 @@
 """The codebook part alone: CodebookUpdater's EMA, revival, k-means init and telemetry against fp64
-references written from the formulas (bincount / index_add, not fastvq's ops), and the buffers
-``CodebookBuffers`` puts on a quantizer."""
+references written from the formulas (bincount / index_add, not fastvq's ops), and the ``Codebook``
+submodule (a quantizer's ``_codebook``) with vector-quantize-pytorch's keys."""
 
 import math
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fastvq.quantizers.codebook import (
-    CodebookBuffers,
+    Codebook,
     CodebookState,
     CodebookUpdater,
     CodeUsage,
@@ -154,26 +154,29 @@ def test_bad_hyper_parameters(kwargs, match):
         CodebookUpdater(**kwargs)
 
 
-def _module_with_state(books: int = 2) -> CodebookBuffers:
-    module = CodebookBuffers()
-    module.register_codebook_state(torch.randn(books, K, D), initted=False)
-    return module
+def _module_with_state(books: int = 2, learnable: bool = False) -> Codebook:
+    return Codebook(torch.randn(books, K, D), learnable=learnable, initted=False)
 
 
-def test_registered_buffers_and_their_keys():
+@pytest.mark.parametrize("learnable", [False, True])
+def test_registered_state_and_its_keys(learnable):
     init = torch.randn(2, K, D)
-    module = CodebookBuffers()
-    assert list(module.state_dict()) == []  # nothing until registered
-    module.register_codebook_state(init, initted=False)
-    assert list(module.state_dict()) == ["ema_count", "ema_sum", "initted"]  # telemetry is not saved
-    assert torch.equal(module.ema_count, torch.ones(2, K)) and torch.equal(module.ema_sum, init)
-    assert module.ema_sum.data_ptr() != init.data_ptr()
+    module = Codebook(init, learnable=learnable, initted=False)
+    # the peer's keys and order of the state; telemetry is not saved
+    assert sorted(module.state_dict()) == ["cluster_size", "embed", "embed_avg", "initted"]
+    assert torch.equal(module.cluster_size, torch.ones(2, K)) and torch.equal(module.embed_avg, init)
+    assert torch.equal(module.embed, init) and module.embed.data_ptr() != init.data_ptr()
+    assert module.embed_avg.data_ptr() != module.embed.data_ptr()
+    assert isinstance(module.embed, nn.Parameter) == learnable
+    assert [name for name, _ in module.named_parameters()] == (["embed"] if learnable else [])
     assert not bool(module.initted) and not module._initted
-    assert {name for name, _ in module.named_buffers()} == {
-        "ema_count", "ema_sum", "initted", "perplexity", "codes_used_fraction", "dead_codes"
+    assert {name for name, _ in module.named_buffers()} >= {
+        "cluster_size", "embed_avg", "initted", "perplexity", "codes_used_fraction", "dead_codes"
     }
     module.mark_initted()
     assert bool(module.initted) and module._initted
+    states = module.states()
+    assert len(states) == 2 and states[1].codes.data_ptr() == module.embed[1].data_ptr()
 
 
 def test_the_init_flag_mirror_follows_a_loaded_state_dict():
@@ -198,9 +201,10 @@ def test_record_usage_averages_and_sums():
 @pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double()])
 def test_ema_buffers_stay_fp32_without_rounding_under_casts(cast):
     module = _module_with_state()
-    module.ema_count.fill_(1 + 2**-20)  # not representable in fp16 / bf16
-    before = {name: getattr(module, name).clone() for name in ("ema_count", "ema_sum")}
+    module.cluster_size.fill_(1 + 2**-20)  # not representable in fp16 / bf16
+    before = {name: getattr(module, name).clone() for name in ("cluster_size", "embed_avg")}
     cast(module)
-    assert module.ema_count.dtype == module.ema_sum.dtype == torch.float32
-    assert torch.equal(module.ema_count, before["ema_count"]) and torch.equal(module.ema_sum, before["ema_sum"])
+    assert module.cluster_size.dtype == module.embed_avg.dtype == torch.float32
+    assert torch.equal(module.cluster_size, before["cluster_size"])
+    assert torch.equal(module.embed_avg, before["embed_avg"])
     assert module.perplexity.dtype != torch.float32  # the telemetry follows the cast like any buffer

@@ -11,7 +11,8 @@ from fastvq.quantizers.residual import ResidualVQ
 
 def test_vector_quantizer_groups_match_brute_force():
     torch.manual_seed(0)
-    groups = [VectorQuantizer(4, 7, commitment_weight=0.5, backend="torch") for _ in range(3)]
+    gradient = dict(ema_update=False, learnable_codebook=True, codebook_weight=1.0, eval_loss=True)
+    groups = [VectorQuantizer(4, 7, commitment_weight=0.5, **gradient, backend="torch") for _ in range(3)]
     grouped = GroupedQuantizer(groups).eval()
     assert grouped.dim == 12
     z = torch.randn(2, 5, 12)
@@ -34,7 +35,9 @@ def test_vector_quantizer_groups_match_brute_force():
 
 
 def test_residual_groups_on_an_image_feature_map():
-    grouped = GroupedQuantizer([ResidualVQ(3, 6, 2, backend="torch") for _ in range(2)], accept_image_fmap=True)
+    stages = dict(ema_update=False, learnable_codebook=True)  # codes fixed during the comparison
+    rvqs = [ResidualVQ(3, 6, 2, **stages, backend="torch") for _ in range(2)]
+    grouped = GroupedQuantizer(rvqs, accept_image_fmap=True)
     z = torch.randn(2, 6, 5, 3)  # (B, dim, H, W)
     q, idx, _ = grouped(z, generator=torch.Generator().manual_seed(0))
     assert q.shape == z.shape and idx.shape == (2, 2, 5, 3, 2)  # (G, B, H, W, Q)
@@ -43,7 +46,7 @@ def test_residual_groups_on_an_image_feature_map():
         assert torch.equal(idx[g], idx_g)
         torch.testing.assert_close(q[:, 3 * g : 3 * (g + 1)], q_g.permute(0, 3, 1, 2))
     torch.testing.assert_close(grouped.get_output_from_indices(idx), q)
-    assert "groups.1.layers.0.embed" in grouped.state_dict()
+    assert "groups.1.layers.0._codebook.embed" in grouped.state_dict()
 
 
 def test_fsq_groups_gradients_stay_in_their_slice():

@@ -10,6 +10,10 @@ from fastvq.quantizers.gradients import rotate_to
 from fastvq.quantizers.output import QuantizerOutput
 from fastvq.quantizers.residual import ResidualVQ
 
+# Gradient-trained stages (the stages' defaults are vector-quantize-pytorch's EMA codebooks): for tests
+# about the stack rather than about how a codebook learns.
+GRADIENT = dict(ema_update=False, learnable_codebook=True)
+
 
 def _greedy_reference(x: torch.Tensor, codebooks: list[torch.Tensor]):
     """Residual quantization by brute force in fp64: (indices (N, Q), reconstruction after each stage)."""
@@ -27,7 +31,7 @@ def _greedy_reference(x: torch.Tensor, codebooks: list[torch.Tensor]):
 
 def _multiscale_rvq(num_quantizers: int) -> ResidualVQ:
     """Stage q has the codes 2^-q {-1, 0, 1}^2: every stage must halve the error."""
-    rvq = ResidualVQ(2, 9, num_quantizers, backend="torch")
+    rvq = ResidualVQ(2, 9, num_quantizers, codebook_weight=1.0, **GRADIENT, backend="torch")
     grid = torch.tensor(list(itertools.product([-1.0, 0.0, 1.0], repeat=2)))
     with torch.no_grad():
         for q, layer in enumerate(rvq.layers):
@@ -56,7 +60,7 @@ def test_each_stage_refines_a_constructed_codebook():
 
 def test_each_stage_refines_after_short_training():
     data = torch.randn(512, 4) * torch.tensor([2.0, 1.0, 0.5, 0.25])
-    rvq = ResidualVQ(4, 8, 3, backend="torch")
+    rvq = ResidualVQ(4, 8, 3, codebook_weight=1.0, **GRADIENT, backend="torch")
     opt = torch.optim.Adam(rvq.parameters(), lr=0.05)
     for _ in range(40):
         opt.zero_grad()
@@ -70,7 +74,7 @@ def test_each_stage_refines_after_short_training():
 
 
 def test_loss_is_the_sum_of_the_stage_losses():
-    rvq = ResidualVQ(5, 7, 3, commitment_weight=0.4, backend="torch")
+    rvq = ResidualVQ(5, 7, 3, commitment_weight=0.4, codebook_weight=1.0, **GRADIENT, backend="torch")
     x = torch.randn(3, 11, 5)
     q, idx, loss = rvq(x)
     residual, stage_losses = x, []
@@ -84,7 +88,7 @@ def test_loss_is_the_sum_of_the_stage_losses():
 
 
 def test_output_gradient_is_one_straight_through_estimator():
-    rvq = ResidualVQ(6, 9, 3, commitment_weight=0.0, codebook_weight=0.0, backend="torch")
+    rvq = ResidualVQ(6, 9, 3, commitment_weight=0.0, codebook_weight=0.0, **GRADIENT, backend="torch")
     z = torch.randn(8, 6, requires_grad=True)
     w = torch.randn(8, 6)
     q, _, loss = rvq(z)
@@ -92,7 +96,7 @@ def test_output_gradient_is_one_straight_through_estimator():
     assert torch.equal(z.grad, w)  # identity, not num_quantizers x identity
 
     # every stage's commitment term reaches the input: d/dz of sum_q beta mean((r_q - sg(e_q))^2)
-    rvq = ResidualVQ(6, 9, 3, commitment_weight=1.0, codebook_weight=0.0, backend="torch")
+    rvq = ResidualVQ(6, 9, 3, commitment_weight=1.0, codebook_weight=0.0, **GRADIENT, backend="torch")
     z = torch.randn(8, 6, requires_grad=True)
     _, idx, loss = rvq(z)
     loss.backward()
@@ -103,7 +107,7 @@ def test_output_gradient_is_one_straight_through_estimator():
 
 
 def test_rotation_trick_option():
-    rvq = ResidualVQ(4, 9, 2, rotation_trick=True, backend="torch")
+    rvq = ResidualVQ(4, 9, 2, rotation_trick=True, codebook_weight=1.0, **GRADIENT, backend="torch")
     z = torch.randn(6, 4, requires_grad=True)
     q, idx, _ = rvq(z)
     assert torch.equal(q, rvq.get_output_from_indices(idx))
@@ -115,7 +119,8 @@ def test_rotation_trick_option():
 
 
 def test_decoding_ignores_dropped_stages_and_layouts():
-    rvq = ResidualVQ(6, 10, 3, codebook_dim=4, accept_image_fmap=True, backend="torch")
+    rvq = ResidualVQ(6, 10, 3, codebook_dim=4, accept_image_fmap=True, codebook_weight=1.0, **GRADIENT,
+                     backend="torch")
     z = torch.randn(2, 6, 5, 3)
     q, idx, _ = rvq(z)
     assert q.shape == z.shape and idx.shape == (2, 5, 3, 3)
@@ -126,42 +131,43 @@ def test_decoding_ignores_dropped_stages_and_layouts():
     expected = rvq.project_out(books[0][idx[..., 0]] + books[2][idx[..., 2]]).permute(0, 3, 1, 2)
     torch.testing.assert_close(rvq.get_output_from_indices(masked), expected)
 
-    seq = ResidualVQ(3, 5, 2, channel_last=False, backend="torch")
+    seq = ResidualVQ(3, 5, 2, channel_last=False, codebook_weight=1.0, **GRADIENT, backend="torch")
     z = torch.randn(2, 3, 9)
     q, idx, _ = seq(z)
     assert q.shape == (2, 3, 9) and idx.shape == (2, 9, 2)
     assert torch.equal(seq.get_output_from_indices(idx), q)
-    last = ResidualVQ(3, 5, 2, backend="torch")
+    last = ResidualVQ(3, 5, 2, codebook_weight=1.0, **GRADIENT, backend="torch")
     last.load_state_dict(seq.state_dict())
     q_last, idx_last, _ = last(z.movedim(1, -1))
     assert torch.equal(idx_last, idx) and torch.equal(q_last.movedim(-1, 1), q)
 
 
 def test_shared_codebook_is_one_parameter():
-    rvq = ResidualVQ(4, 6, 3, shared_codebook=True, backend="torch")
+    rvq = ResidualVQ(4, 6, 3, shared_codebook=True, codebook_weight=1.0, **GRADIENT, backend="torch")
     params = list(rvq.parameters())
-    assert len(params) == 1 and all(layer.embed is rvq.layers[0].embed for layer in rvq.layers)
+    assert len(params) == 1 and all(layer._codebook is rvq.layers[0]._codebook for layer in rvq.layers)
     z = torch.randn(20, 4)
     _, _, loss = rvq(z)
     loss.backward()
     # its gradient is the sum of what each stage would give its own copy of the same codes
-    unshared = ResidualVQ(4, 6, 3, backend="torch")
+    unshared = ResidualVQ(4, 6, 3, codebook_weight=1.0, **GRADIENT, backend="torch")
     with torch.no_grad():
         for layer in unshared.layers:
             layer.embed.copy_(rvq.layers[0].embed)
     _, _, loss_u = unshared(z)
     loss_u.backward()
-    torch.testing.assert_close(params[0].grad, sum(layer.embed.grad for layer in unshared.layers))
+    torch.testing.assert_close(params[0].grad[0], sum(layer._codebook.embed.grad[0] for layer in unshared.layers))
     torch.optim.SGD(rvq.parameters(), lr=0.1).step()
     assert all(torch.equal(layer.embed, rvq.layers[0].embed) for layer in rvq.layers)
     # state_dict round trip keeps the sharing
-    other = ResidualVQ(4, 6, 3, shared_codebook=True, backend="torch")
+    other = ResidualVQ(4, 6, 3, shared_codebook=True, codebook_weight=1.0, **GRADIENT, backend="torch")
     other.load_state_dict(rvq.state_dict())
     assert len(list(other.parameters())) == 1 and torch.equal(other.layers[2].embed, rvq.layers[0].embed)
 
 
 def test_quantize_dropout_drops_trailing_stages_in_training_only():
-    rvq = ResidualVQ(4, 8, 5, quantize_dropout=True, quantize_dropout_cutoff_index=1, backend="torch")
+    rvq = ResidualVQ(4, 8, 5, quantize_dropout=True, quantize_dropout_cutoff_index=1, codebook_weight=1.0, **GRADIENT,
+                     backend="torch")
     z = torch.randn(3, 7, 4)
     seen = set()
     generator = torch.Generator().manual_seed(123)
@@ -192,7 +198,7 @@ def test_quantize_dropout_drops_trailing_stages_in_training_only():
 
 
 def test_dropped_stages_do_not_run():
-    rvq = ResidualVQ(4, 8, 3, quantize_dropout=True, backend="torch")
+    rvq = ResidualVQ(4, 8, 3, quantize_dropout=True, codebook_weight=1.0, **GRADIENT, backend="torch")
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):  # find a draw that keeps one stage only
         rvq.zero_grad()
@@ -202,8 +208,8 @@ def test_dropped_stages_do_not_run():
     else:
         pytest.fail("no draw kept a single stage")
     loss.backward()
-    assert rvq.layers[0].embed.grad is not None
-    assert rvq.layers[1].embed.grad is None and rvq.layers[2].embed.grad is None
+    assert rvq.layers[0]._codebook.embed.grad is not None
+    assert rvq.layers[1]._codebook.embed.grad is None and rvq.layers[2]._codebook.embed.grad is None
 
 
 def test_vq_kwargs_reach_every_stage():
@@ -215,8 +221,8 @@ def test_vq_kwargs_reach_every_stage():
 
 
 def test_state_dict_round_trip():
-    a = ResidualVQ(6, 9, 3, codebook_dim=3, backend="torch")
-    b = ResidualVQ(6, 9, 3, codebook_dim=3, backend="torch")
+    a = ResidualVQ(6, 9, 3, codebook_dim=3, codebook_weight=1.0, **GRADIENT, backend="torch")
+    b = ResidualVQ(6, 9, 3, codebook_dim=3, codebook_weight=1.0, **GRADIENT, backend="torch")
     b.load_state_dict(a.state_dict())
     z = torch.randn(4, 6)
     a.eval(), b.eval()
@@ -246,7 +252,7 @@ def test_bad_constructor_arguments(kwargs, match):
 
 
 def test_bad_inputs():
-    rvq = ResidualVQ(4, 8, 2, backend="torch")
+    rvq = ResidualVQ(4, 8, 2, codebook_weight=1.0, **GRADIENT, backend="torch")
     with pytest.raises(ValueError, match=r"\(B, \.\.\., dim\) with dim = 4"):
         rvq(torch.randn(3, 5))
     with pytest.raises(ValueError, match=r"1 <= Q <= num_quantizers = 2"):

@@ -9,9 +9,13 @@ import fastvq
 from fastvq import QuantizerOutput, VectorQuantizer
 from fastvq.testing import assert_contract, vq_reference_fp64
 
+# The VQ-VAE paper's choices (the bundled models pin them; the defaults are vector-quantize-pytorch's):
+# a gradient-trained codebook with codebook weight 1, straight-through gradients.
+GRADIENT = dict(ema_update=False, learnable_codebook=True, codebook_weight=1.0, rotation_trick=False)
+
 
 def test_channel_last_forward_matches_the_functional_op():
-    vq = VectorQuantizer(dim=6, codebook_size=11, backend="torch")
+    vq = VectorQuantizer(dim=6, codebook_size=11, commitment_weight=0.25, eval_loss=True, **GRADIENT, backend="torch")
     z = torch.randn(3, 5, 6)
     out = vq(z)
     assert isinstance(out, QuantizerOutput)
@@ -24,7 +28,7 @@ def test_channel_last_forward_matches_the_functional_op():
 
 
 def test_image_fmap_layout_and_round_trip():
-    vq = VectorQuantizer(dim=4, codebook_size=9, accept_image_fmap=True, backend="torch")
+    vq = VectorQuantizer(dim=4, codebook_size=9, accept_image_fmap=True, **GRADIENT, backend="torch")
     z = torch.randn(2, 4, 5, 7)
     q, idx, _ = vq(z)
     assert q.shape == z.shape and idx.shape == (2, 5, 7)
@@ -35,7 +39,7 @@ def test_image_fmap_layout_and_round_trip():
 
 
 def test_channel_first_sequence_layout():
-    vq = VectorQuantizer(dim=3, codebook_size=5, channel_last=False, backend="torch")
+    vq = VectorQuantizer(dim=3, codebook_size=5, channel_last=False, **GRADIENT, backend="torch")
     z = torch.randn(2, 3, 10)
     q, idx, _ = vq(z)
     assert q.shape == (2, 3, 10) and idx.shape == (2, 10)
@@ -43,20 +47,23 @@ def test_channel_first_sequence_layout():
 
 
 def test_low_dimensional_codebook_with_projections():
-    vq = VectorQuantizer(dim=16, codebook_size=20, codebook_dim=4, backend="torch")
+    vq = VectorQuantizer(dim=16, codebook_size=20, codebook_dim=4, **GRADIENT, backend="torch")
     z = torch.randn(8, 16, requires_grad=True)
     q, idx, loss = vq(z)
-    assert vq.embed.shape == (20, 4) and vq.codebook.shape == (20, 16)
+    # the peer's codebook: as stored, before the output projection
+    assert vq.embed.shape == (20, 4) and vq.codebook.shape == (20, 4)
+    assert vq._codebook.embed.shape == (1, 20, 4)
     assert q.shape == (8, 16)
-    torch.testing.assert_close(q, vq.codebook[idx])
+    torch.testing.assert_close(q, vq.project_out(vq.codebook[idx]))
+    torch.testing.assert_close(vq.get_codes_from_indices(idx), vq.codebook[idx])
     torch.testing.assert_close(vq.get_output_from_indices(idx), q)
     (q.sum() + loss).backward()
-    assert vq.project_in.weight.grad is not None and vq.embed.grad is not None
+    assert vq.project_in.weight.grad is not None and vq._codebook.embed.grad is not None
 
 
 def test_training_updates_the_codebook_toward_the_data():
     torch.manual_seed(1)
-    vq = VectorQuantizer(dim=2, codebook_size=4, backend="torch")
+    vq = VectorQuantizer(dim=2, codebook_size=4, **GRADIENT, backend="torch")
     centers = torch.tensor([[3.0, 3.0], [-3.0, 3.0], [3.0, -3.0], [-3.0, -3.0]])
     with torch.no_grad():
         vq.embed.copy_(centers + torch.randn(4, 2))
@@ -99,12 +106,12 @@ def test_state_dict_round_trip():
         (dict(dim=0, codebook_size=4), "dim must be a positive int"),
         (dict(dim=4, codebook_size=0), "codebook_size must be a positive int"),
         (dict(dim=4, codebook_size=8, codebook_dim=-2), "codebook_dim"),
-        (dict(dim=4, codebook_size=8, accept_image_fmap=True, channel_last=True), "accept_image_fmap"),
+        (dict(dim=4, codebook_size=8, accept_image_fmap=True, accept_3d_fmap=True), "accept_3d_fmap"),
         (dict(dim=4, codebook_size=8, backend="cuda"), "backend must be one of"),
         (dict(dim=4, codebook_size=8, commitment_weight=-0.1), "commitment_weight"),
-        (dict(dim=4, codebook_size=8, learnable_codebook=False), "needs ema_update=True"),
+        (dict(dim=4, codebook_size=8, codebook_weight=1.0), "codebook_weight must be 0"),
         (dict(dim=4, codebook_size=8, ema_update=True, learnable_codebook=True), "cannot be combined"),
-        (dict(dim=6, codebook_size=8, heads=4), "divisible by heads"),
+        (dict(dim=4, codebook_size=8, codebook_init="xavier"), "codebook_init"),
         (dict(dim=4, codebook_size=8, decay=1.0), "decay"),
         (dict(dim=4, codebook_size=8, kmeans_iters=-1), "kmeans_iters"),
         (dict(dim=4, codebook_size=8, threshold_ema_dead_code=-1), "threshold_ema_dead_code"),
@@ -137,7 +144,7 @@ def test_torch_compile_fullgraph_has_no_graph_break():
         def __init__(self):
             super().__init__()
             self.enc = torch.nn.Conv2d(3, 8, 3, padding=1)
-            self.vq = VectorQuantizer(dim=8, codebook_size=16, accept_image_fmap=True, backend="auto")
+            self.vq = VectorQuantizer(dim=8, codebook_size=16, accept_image_fmap=True, **GRADIENT, backend="auto")
             self.dec = torch.nn.Conv2d(8, 3, 3, padding=1)
 
         def forward(self, x):
@@ -153,4 +160,4 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     torch.testing.assert_close(out[0], eager[0])
     torch.testing.assert_close(out[2], eager[2])
     (out[0].square().mean() + out[2]).backward()
-    assert model.vq.embed.grad is not None and model.enc.weight.grad is not None
+    assert model.vq._codebook.embed.grad is not None and model.enc.weight.grad is not None

@@ -15,6 +15,9 @@ from fastvq import VectorQuantizer
 from fastvq.quantizers.kmeans import kmeans, kmeans_plusplus
 from fastvq.testing import assert_contract, distances_fp64
 
+# The VQ-VAE paper's choices, for tests about something else than the (peer's) EMA default.
+GRADIENT = dict(ema_update=False, learnable_codebook=True, codebook_weight=1.0, rotation_trick=False)
+
 
 def _clusters(num, per, dim, spread=0.05, scale=10.0):
     centers = scale * torch.randn(num, dim)
@@ -49,19 +52,19 @@ def test_ema_two_steps_follow_the_formula():
         smoothed = (count + eps) / (count.sum() + 4 * eps) * count.sum()
         vq(z)
         torch.testing.assert_close(vq.embed.double(), total / smoothed[:, None], rtol=1e-5, atol=1e-6)
-    assert vq.embed.grad is None and not vq.embed.requires_grad
+    assert vq._codebook.embed.grad is None and not vq._codebook.embed.requires_grad
 
 
 def test_ema_statistics_stay_fp32_when_the_module_is_cast():
     vq = VectorQuantizer(dim=4, codebook_size=8, ema_update=True, decay=0.9, backend="torch").to(torch.bfloat16)
     assert vq.embed.dtype == torch.bfloat16
-    assert vq.ema_count.dtype == vq.ema_sum.dtype == torch.float32
+    assert vq._codebook.cluster_size.dtype == vq._codebook.embed_avg.dtype == torch.float32
     vq.train()
     z = vq.embed.detach()[[3] * 400].float().to(torch.bfloat16)  # 400 rows on code 3 every step
     for _ in range(50):
         vq(z)
     # count -> 400 geometrically: 400 - 399 * 0.9^50 = 397.9; a bf16 count would stall at 256-ish
-    assert vq.ema_count[0, 3].item() == pytest.approx(400 - 399 * 0.9**50, rel=1e-4)
+    assert vq._codebook.cluster_size[0, 3].item() == pytest.approx(400 - 399 * 0.9**50, rel=1e-4)
 
 
 def test_codebook_weight_with_ema_is_rejected():
@@ -74,6 +77,9 @@ def test_ema_loss_has_no_codebook_term():
     vq = VectorQuantizer(dim=4, codebook_size=8, ema_update=True, commitment_weight=0.5, backend="torch")
     vq.eval()
     z = torch.randn(30, 4)
+    _, idx, loss = vq(z)
+    assert loss.shape == () and loss.item() == 0.0  # the peer's: no loss in eval mode
+    vq.eval_loss = True
     _, idx, loss = vq(z)
     expected = 0.5 * ((z.double() - vq.embed.double()[idx]) ** 2).mean()
     torch.testing.assert_close(loss.double(), expected)
@@ -95,13 +101,13 @@ def test_kmeans_converges_to_the_cluster_centers():
 
 def test_kmeans_init_on_first_training_batch_only():
     centers, data = _clusters(6, 30, 3)
-    vq = VectorQuantizer(dim=3, codebook_size=6, kmeans_init=True, backend="torch")
+    vq = VectorQuantizer(dim=3, codebook_size=6, kmeans_init=True, **GRADIENT, backend="torch")
     vq.eval()
     vq(data)
-    assert not vq._initted  # eval forwards do not initialise
+    assert not vq._codebook._initted  # eval forwards do not initialise
     vq.train()
     vq(data)
-    assert vq._initted and bool(vq.initted)
+    assert vq._codebook._initted and bool(vq._codebook.initted)
     assert torch.cdist(centers, vq.embed.detach()).min(1).values.max() < 0.2
     snapshot = vq.embed.detach().clone()
     vq(data + 100)  # no second init (and no optimizer step: a gradient codebook stays put)
@@ -109,7 +115,7 @@ def test_kmeans_init_on_first_training_batch_only():
 
 
 def test_dead_codes_come_back():
-    vq = VectorQuantizer(dim=2, codebook_size=16, threshold_ema_dead_code=0.5, decay=0.5, backend="torch")
+    vq = VectorQuantizer(dim=2, codebook_size=16, threshold_ema_dead_code=0.5, decay=0.5, **GRADIENT, backend="torch")
     with torch.no_grad():
         vq.embed.copy_(torch.randn(16, 2) + 1000.0)  # all codes far away from the data
         vq.embed[0] = 0.0  # only code 0 is ever chosen
@@ -135,7 +141,7 @@ def test_dead_code_telemetry_counts_unused_codes():
 
 
 def test_cosine_similarity_matches_the_cosine_metric():
-    vq = VectorQuantizer(dim=5, codebook_size=13, use_cosine_sim=True, backend="torch")
+    vq = VectorQuantizer(dim=5, codebook_size=13, use_cosine_sim=True, backend="torch").eval()
     z = 3 * torch.randn(40, 5)
     q, idx, _ = vq(z)
     ref_idx, _ = fastvq.nearest_code(z, vq.embed, metric="cosine", backend="torch")
@@ -147,7 +153,8 @@ def test_cosine_similarity_matches_the_cosine_metric():
 
 @pytest.mark.parametrize("separate", [False, True])
 def test_heads(separate):
-    vq = VectorQuantizer(dim=12, codebook_size=7, heads=3, separate_codebook_per_head=separate, backend="torch")
+    vq = VectorQuantizer(dim=12, codebook_size=7, codebook_dim=4, heads=3, separate_codebook_per_head=separate,
+                         commitment_weight=0.25, **GRADIENT, backend="torch")
     z = torch.randn(2, 5, 12)
     q, idx, loss = vq(z)
     assert q.shape == z.shape and idx.shape == (2, 5, 3)
@@ -165,7 +172,7 @@ def test_heads(separate):
 
 def test_rotation_trick_forward_is_the_code_and_backward_rotates():
     vq = VectorQuantizer(dim=4, codebook_size=5, rotation_trick=True, commitment_weight=0.0, codebook_weight=0.0,
-                         backend="torch")
+                         ema_update=False, learnable_codebook=True, backend="torch")
     z = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     vq = vq.double()
     q, idx, _ = vq(z)
@@ -188,13 +195,33 @@ def test_state_dict_round_trip_with_ema_buffers():
     a(torch.randn(40, 3))
     b = VectorQuantizer(dim=3, codebook_size=5, ema_update=True, kmeans_init=True, backend="torch")
     b.load_state_dict(a.state_dict())
-    assert b._initted
-    for name in ("embed", "ema_count", "ema_sum", "initted"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert b._codebook._initted
+    assert sorted(a.state_dict()) == [f"_codebook.{k}" for k in ("cluster_size", "embed", "embed_avg", "initted")]
+    for name in ("embed", "cluster_size", "embed_avg", "initted"):
+        assert torch.equal(getattr(a._codebook, name), getattr(b._codebook, name)), name
     z = torch.randn(20, 3)
     a(z)
     b(z)
-    assert torch.equal(a.embed, b.embed) and torch.equal(a.ema_count, b.ema_count)
+    assert torch.equal(a.embed, b.embed) and torch.equal(a._codebook.cluster_size, b._codebook.cluster_size)
+
+
+def test_old_fastvq_checkpoints_load():
+    """Checkpoints from before the peer's keys: embed (K, D), ema_count, ema_sum, initted at the top."""
+    new = VectorQuantizer(dim=3, codebook_size=5, backend="torch")
+    old = {
+        "embed": torch.randn(5, 3), "ema_count": torch.rand(1, 5) + 1, "ema_sum": torch.randn(1, 5, 3),
+        "initted": torch.tensor(True),
+    }
+    new.load_state_dict(old, strict=True)
+    assert torch.equal(new._codebook.embed[0], old["embed"]) and torch.equal(new.codebook, old["embed"])
+    assert torch.equal(new._codebook.cluster_size, old["ema_count"])
+    assert torch.equal(new._codebook.embed_avg, old["ema_sum"])
+    heads = VectorQuantizer(dim=4, codebook_size=5, codebook_dim=2, heads=2, separate_codebook_per_head=True)
+    old_heads = {k: v for k, v in heads.state_dict().items() if not k.startswith("_codebook")}
+    old_heads |= {"embed": torch.randn(2, 5, 2), "ema_count": torch.ones(2, 5), "ema_sum": torch.randn(2, 5, 2),
+                  "initted": torch.tensor(True)}
+    heads.load_state_dict(old_heads, strict=True)
+    assert torch.equal(heads.codebook, old_heads["embed"])
 
 
 def test_ema_layer_compiles_without_graph_breaks():
@@ -242,7 +269,8 @@ def _ddp_worker(rank, world, init_file, out_dir, data, kwargs, steps):
         half = data.shape[1] // world
         for step in range(steps):
             vq(data[step, rank * half : (rank + 1) * half])
-        torch.save({"embed": vq.embed.detach(), "ema_count": vq.ema_count}, os.path.join(out_dir, f"{rank}.pt"))
+        state = {"embed": vq.embed.detach(), "ema_count": vq._codebook.cluster_size}
+        torch.save(state, os.path.join(out_dir, f"{rank}.pt"))
 
 
 def _run_ddp(kwargs, data, steps):
@@ -263,7 +291,7 @@ def test_ddp_ema_and_kmeans_equal_one_process_on_the_joined_batch():
     for step in range(steps):
         single(data[step])
     torch.testing.assert_close(ranks[0]["embed"], single.embed.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ranks[0]["ema_count"], single.ema_count, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["ema_count"], single._codebook.cluster_size, rtol=1e-5, atol=1e-6)
 
 
 def _ddp_residual_worker(rank, world, init_file, out_dir, data):
