@@ -23,11 +23,13 @@ The paper's listing writes ``tan`` for the shift and ``(1 - eps)``; ``atanh`` is
 code = 2 / (L - 1) floor((L - 1) (tanh(z) + 1) / 2 + 0.5) - 1 (L evenly spaced values from -1 to 1,
 no value at 0 for even L): the only mode in which L = 2 is useful, since the default bound for
 L = 2 puts its shift at atanh(1 / 1.001) ~ 3.8, where tanh is saturated. Only in that mode,
-``noise_dropout = p`` adds, in training, U(-0.5, 0.5) to each code with probability p (after the
-indices are taken) and clamps to [-1, 1]. ``bound_hard_clamp`` replaces tanh by clamp(-1, 1) (and
-atanh by the identity), for inputs already soft-clamped into range. ``orthogonal_rotation`` rotates
-each codebook's features by a fixed random orthogonal matrix (a saved buffer) before quantizing
-and back after (arXiv:2307.13304).
+``noise_dropout = p > 0`` adds, in training, U(-0.5, 0.5) to each code (after the indices are
+taken) and clamps to [-1, 1]: with probability p as the peer documents it, 0.5 as its draw computes
+it (``scalar.noise_dropout``; kept for equal draws). ``bound_hard_clamp`` replaces tanh by
+clamp(-1, 1) (and atanh by the identity), for inputs already soft-clamped into range.
+``orthogonal_rotation`` rotates each codebook's features by a fixed random orthogonal matrix (a
+saved buffer) before quantizing and back after (arXiv:2307.13304). The formulas are functions in
+``fastvq/quantizers/scalar.py``; this module holds the options, buffers and layouts.
 
 Rounding has a straight-through gradient; everything else (tanh, the projections) is differentiable.
 Constants are built in fp32 (fp64 for fp64 input), as vector-quantize-pytorch does for fp32.
@@ -45,10 +47,14 @@ import torch
 from torch import Tensor, nn
 
 from fastvq.checks import check_float_tensor, is_int, positive_int
+from fastvq.quantizers import scalar
 from fastvq.quantizers.implicit import ImplicitCodebook
 from fastvq.quantizers.layout import from_channel_last, to_channel_last
+from fastvq.quantizers.scalar import EPS as _EPS
+from fastvq.quantizers.scalar import floor_ste, round_ste
 
-_EPS = 1e-3
+__all__ = ["FSQ", "FSQOutput", "floor_ste", "round_ste"]
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -57,16 +63,6 @@ class FSQOutput(NamedTuple):
 
     quantized: Tensor  # the input's shape and layout
     indices: Tensor | None  # int32; None when return_indices=False
-
-
-def round_ste(z: Tensor) -> Tensor:
-    """round(z) in value (half to even), the identity gradient (straight-through)."""
-    return z + (z.round() - z).detach()
-
-
-def floor_ste(z: Tensor) -> Tensor:
-    """floor(z) in value, the identity gradient (straight-through)."""
-    return z + (z.floor() - z).detach()
 
 
 def _check_levels(levels: object, preserve_symmetry: bool) -> list[int]:
@@ -81,6 +77,67 @@ def _check_levels(levels: object, preserve_symmetry: bool) -> list[int]:
                 "(nearly every input gets one code); use preserve_symmetry=True or levels >= 3"
             )
     return [int(level) for level in levels]
+
+
+def _check_options(
+    levels: object,
+    num_codebooks: int,
+    keep_num_codebooks_dim: bool | None,
+    return_indices: bool,
+    preserve_symmetry: bool,
+    noise_dropout: float,
+) -> tuple[list[int], int, bool]:
+    """``FSQ``'s checked (levels, num_codebooks, keep_num_codebooks_dim); ValueError naming the bad argument."""
+    levels = _check_levels(levels, preserve_symmetry)
+    num_codebooks = positive_int(num_codebooks, "num_codebooks")
+    keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else bool(keep_num_codebooks_dim)
+    if num_codebooks > 1 and not keep_num_codebooks_dim:
+        raise ValueError(f"keep_num_codebooks_dim=False needs num_codebooks == 1, got {num_codebooks}")
+    if not 0.0 <= float(noise_dropout) <= 1.0:
+        raise ValueError(f"noise_dropout must lie in [0, 1], got {noise_dropout!r}")
+    if noise_dropout > 0 and not preserve_symmetry:
+        raise ValueError(f"noise_dropout={noise_dropout!r} needs preserve_symmetry=True")
+    if return_indices and math.prod(levels) > _INT32_MAX:
+        raise ValueError(
+            f"prod(levels) must fit an int32 index, got {math.prod(levels)} for levels {levels!r} "
+            "(or pass return_indices=False)"
+        )
+    return levels, num_codebooks, keep_num_codebooks_dim
+
+
+def _resolve_layout(channel_first: bool, channel_last: bool | None, accept_image_fmap: bool) -> str:
+    """"first" (features on axis 1 always), "last" (last axis always) or "auto" (axis 1 for >= 4-D).
+
+    Raises:
+        ValueError: ``channel_last=True`` with ``channel_first`` or ``accept_image_fmap``.
+    """
+    if channel_last and (channel_first or accept_image_fmap):
+        raise ValueError(
+            "channel_last=True contradicts "
+            + ("channel_first=True" if channel_first else "accept_image_fmap=True (a (B, dim, H, W) input)")
+        )
+    if channel_first or channel_last is False or accept_image_fmap:
+        return "first"
+    return "last" if channel_last else "auto"
+
+
+def _projections(dim: int, inner: int, bias: bool) -> tuple[nn.Module, nn.Module]:
+    """(project_in, project_out): Linear dim -> inner and back (with ``bias``), or two Identity if equal."""
+    if dim == inner:
+        return nn.Identity(), nn.Identity()
+    return nn.Linear(dim, inner, bias=bias), nn.Linear(inner, dim, bias=bias)
+
+
+def _random_rotation(levels: list[int]) -> Tensor:
+    """(d, d) float32 random orthogonal matrix from torch's global generator, as the peer draws it."""
+    if len(set(levels)) != 1:
+        # stacklevel 3: the user's FSQ(...) call, through __init__
+        warnings.warn(
+            f"orthogonal_rotation is not recommended for FSQ with asymmetric levels (levels={levels})", stacklevel=3
+        )
+    rotation = torch.empty(len(levels), len(levels))
+    nn.init.orthogonal_(rotation)
+    return rotation
 
 
 class FSQ(ImplicitCodebook):
@@ -141,34 +198,17 @@ class FSQ(ImplicitCodebook):
         accept_image_fmap: bool = False,
     ) -> None:
         super().__init__()
-        levels = _check_levels(levels, preserve_symmetry)
-        num_codebooks = positive_int(num_codebooks, "num_codebooks")
-        keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else bool(keep_num_codebooks_dim)
-        if num_codebooks > 1 and not keep_num_codebooks_dim:
-            raise ValueError(f"keep_num_codebooks_dim=False needs num_codebooks == 1, got {num_codebooks}")
-        if not 0.0 <= float(noise_dropout) <= 1.0:
-            raise ValueError(f"noise_dropout must lie in [0, 1], got {noise_dropout!r}")
-        if noise_dropout > 0 and not preserve_symmetry:
-            raise ValueError(f"noise_dropout={noise_dropout!r} needs preserve_symmetry=True")
-        codebook_size = math.prod(levels)
-        if return_indices and codebook_size > _INT32_MAX:
-            raise ValueError(
-                f"prod(levels) must fit an int32 index, got {codebook_size} for levels {levels!r} "
-                "(or pass return_indices=False)"
-            )
-        if channel_last and (channel_first or accept_image_fmap):
-            raise ValueError(
-                "channel_last=True contradicts "
-                + ("channel_first=True" if channel_first else "accept_image_fmap=True (a (B, dim, H, W) input)")
-            )
-
+        levels, num_codebooks, keep_num_codebooks_dim = _check_options(
+            levels, num_codebooks, keep_num_codebooks_dim, return_indices, preserve_symmetry, noise_dropout
+        )
+        self._layout = _resolve_layout(channel_first, channel_last, accept_image_fmap)
         self.levels = levels
         self.codebook_dim = len(levels)
         self.num_codebooks = num_codebooks
         self.effective_codebook_dim = self.codebook_dim * num_codebooks
         self.keep_num_codebooks_dim = keep_num_codebooks_dim
         self.dim = self.effective_codebook_dim if dim is None else positive_int(dim, "dim")
-        self.codebook_size = codebook_size
+        self.codebook_size = math.prod(levels)
         self.scale = scale
         self.allowed_dtypes = tuple(allowed_dtypes)
         self.return_indices = bool(return_indices)
@@ -178,90 +218,52 @@ class FSQ(ImplicitCodebook):
         self.bound_hard_clamp = bool(bound_hard_clamp)
         self.orthogonal_rotation = bool(orthogonal_rotation)
         self.accept_image_fmap = bool(accept_image_fmap)
-        # layout: "first" (axis 1 always), "last" (last axis always), "auto" (axis 1 for >= 4-D).
-        first = bool(channel_first) or channel_last is False or self.accept_image_fmap
-        self._layout = "first" if first else ("last" if channel_last else "auto")
-        self.channel_first = first
-        self.channel_last = not first  # get_output_from_indices' layout for fastvq's wrappers
+        self.channel_first = self._layout == "first"
+        self.channel_last = not self.channel_first  # get_output_from_indices' layout for fastvq's wrappers
 
         self.has_projections = self.dim != self.effective_codebook_dim
-        if self.has_projections:
-            self.project_in = nn.Linear(self.dim, self.effective_codebook_dim, bias=projection_has_bias)
-            self.project_out = nn.Linear(self.effective_codebook_dim, self.dim, bias=projection_has_bias)
-        else:
-            self.project_in, self.project_out = nn.Identity(), nn.Identity()
+        self.project_in, self.project_out = _projections(self.dim, self.effective_codebook_dim, projection_has_bias)
 
         # Integer buffers, not saved (they follow from `levels`), as the peer's; .to(dtype) leaves them.
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
-        self.register_buffer("_basis", torch.cumprod(torch.tensor([1] + levels[:-1]), 0), persistent=False)
+        self.register_buffer("_basis", scalar.mixed_radix_basis(levels), persistent=False)
 
         if self.orthogonal_rotation:
-            if len(set(levels)) != 1:
-                warnings.warn(
-                    "orthogonal_rotation is not recommended for FSQ with asymmetric levels "
-                    f"(levels={levels})",
-                    stacklevel=2,
-                )
-            rotation = torch.empty(self.codebook_dim, self.codebook_dim)
-            nn.init.orthogonal_(rotation)
-            self.register_buffer("orthogonal_rot", rotation)  # saved, as the peer's
+            self.register_buffer("orthogonal_rot", _random_rotation(levels))  # saved, as the peer's
 
     # ------------------------------------------------------------------------------------------
-    # the quantizer (the peer's expressions, so fp32 values agree bitwise)
-
-    def _constants_dtype(self, z: Tensor) -> torch.dtype:
-        return torch.promote_types(z.dtype, torch.float32)
-
-    def _bound_and_level(self, z: Tensor, eps: float = _EPS, hard_clamp: bool = False) -> tuple[Tensor, Tensor]:
-        """(codes in [-1, 1] with a straight-through round, level indices k as floats), (..., d)."""
-        lv = self._levels.to(self._constants_dtype(z))
-        half_l = (lv - 1) * (1 + eps) / 2
-        offset = (self._levels % 2 == 0).to(lv.dtype) * 0.5
-        shift = offset / half_l if hard_clamp else torch.atanh(offset / half_l)
-        squash = z + shift
-        squash = squash.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(squash)
-        rounded = round_ste(squash * half_l - offset)
-        half_width = self._levels // 2
-        return rounded / half_width, rounded.detach() + half_width
-
-    def _symmetric_bound_and_level(self, z: Tensor, hard_clamp: bool = False) -> tuple[Tensor, Tensor]:
-        """Section 3.2 of arXiv:2411.19842: (codes, level indices k as floats), (..., d)."""
-        squash = z.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(z)
-        levels_minus_1 = self._levels - 1
-        step = 2.0 / levels_minus_1.to(self._constants_dtype(z))
-        bracket = floor_ste(levels_minus_1 * (squash + 1) / 2.0 + 0.5)
-        return step * bracket - 1.0, bracket.detach()
+    # the quantizer: the formulas live in fastvq/quantizers/scalar.py
 
     def bound(self, z: Tensor, eps: float = _EPS, hard_clamp: bool = False) -> Tensor:
         """The paper's bound + straight-through round of (..., len(levels)) ``z``: codes in [-1, 1]."""
-        return self._bound_and_level(z, eps, hard_clamp)[0]
+        return scalar.bound_and_level(z, self._levels, eps, hard_clamp)[0]
 
     def symmetry_preserving_bound(self, z: Tensor, hard_clamp: bool = False) -> Tensor:
         """The symmetric quantizer of arXiv:2411.19842 for (..., len(levels)) ``z``: codes in [-1, 1]."""
-        return self._symmetric_bound_and_level(z, hard_clamp)[0]
+        return scalar.symmetric_bound_and_level(z, self._levels, hard_clamp)[0]
 
     def _quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(codes, level indices as floats), (..., d) each, under this module's bound."""
         if self.preserve_symmetry:
-            return self._symmetric_bound_and_level(z, self.bound_hard_clamp)
-        return self._bound_and_level(z, hard_clamp=self.bound_hard_clamp)
+            return scalar.symmetric_bound_and_level(z, self._levels, self.bound_hard_clamp)
+        return scalar.bound_and_level(z, self._levels, hard_clamp=self.bound_hard_clamp)
 
     def quantize(self, z: Tensor) -> Tensor:
         """Codes of (..., len(levels)) ``z`` already in the code space, with straight-through rounding."""
         return self._quantize(z)[0]
 
     def maybe_apply_noise(self, codes: Tensor) -> Tensor:
-        """In training with ``noise_dropout = p``: U(-0.5, 0.5) added with probability p, clamped to [-1, 1]."""
+        """In training with ``noise_dropout > 0``: ``scalar.noise_dropout`` (the peer's draw)."""
         if not self.training or self.noise_dropout == 0.0:
             return codes
-        # The peer's draws in the peer's order (bernoulli, then uniform): equal under one seed.
-        # Fresh contiguous tensors: the draws follow the logical order whatever codes' strides.
-        like = dict(dtype=codes.dtype, device=codes.device)
-        mask = torch.full(codes.shape, self.noise_dropout, **like).bernoulli_().bool()
-        offset = torch.rand(codes.shape, **like) - 0.5
-        return torch.where(mask, codes + offset, codes).clamp(-1.0, 1.0)
+        return scalar.noise_dropout(codes, self.noise_dropout)
 
     def _moves_channels(self, ndim: int) -> bool:
         return self._layout == "first" or (self._layout == "auto" and ndim >= 4)
+
+    def _rotate_back(self, codes: Tensor) -> Tensor:
+        """Undo ``orthogonal_rotation`` on (..., d) codes (the identity without it)."""
+        return codes @ self.orthogonal_rot.to(codes.dtype).t() if self.orthogonal_rotation else codes
 
     def forward(self, z: Tensor) -> FSQOutput:
         """Quantize ``z``: (B, ..., dim), or (B, dim, ...) for 4-D+ input / ``channel_first``.
@@ -286,12 +288,10 @@ class FSQ(ImplicitCodebook):
             codes, level = self._quantize(z)  # (B, ..., c, d) each
             indices = None
             if self.return_indices:
-                indices = (level.long() * self._basis).sum(dim=-1).int()  # (B, ..., c)
+                indices = scalar.level_indices_to_indices(level, self._basis)  # (B, ..., c)
                 if not self.keep_num_codebooks_dim:
                     indices = indices.squeeze(-1)
-            codes = self.maybe_apply_noise(codes)
-            if self.orthogonal_rotation:
-                codes = codes @ self.orthogonal_rot.to(codes.dtype).t()
+            codes = self._rotate_back(self.maybe_apply_noise(codes))
             codes = codes.flatten(-2).to(orig_dtype)  # (B, ..., c * d)
 
         out = self.project_out(codes)
@@ -311,19 +311,13 @@ class FSQ(ImplicitCodebook):
         check_float_tensor(zhat, "codes")
         if zhat.shape[-1] != self.codebook_dim:
             raise ValueError(f"codes must be (..., {self.codebook_dim}), got shape {tuple(zhat.shape)}")
-        c = zhat.to(self._constants_dtype(zhat))
-        lv = self._levels.to(c.dtype)
-        if self.preserve_symmetry:
-            k = (c + 1) / (2.0 / (lv - 1))
-        else:
-            k = c * (self._levels // 2) + (self._levels // 2)
-        k = torch.round(k).clamp(min=0).minimum(lv - 1).long()
-        return (k * self._basis).sum(dim=-1).int()
+        k = scalar.codes_to_level_indices(zhat, self._levels, self.preserve_symmetry)
+        return scalar.level_indices_to_indices(k, self._basis)
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
         """Per-dimension level indices: int64 (*indices.shape, len(levels)), k_i in [0, L_i)."""
         self._check_indices(indices)
-        return (indices.long().unsqueeze(-1) // self._basis) % self._levels
+        return scalar.indices_to_level_indices(indices, self._levels, self._basis)
 
     def indices_to_implicit_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Grid codes for indices, before rotation and ``project_out`` (fastvq's former
@@ -332,19 +326,14 @@ class FSQ(ImplicitCodebook):
         Raises:
             TypeError: non-integer indices. ValueError: indices out of range (checked on CPU only).
         """
-        k = self.indices_to_level_indices(indices).to(dtype)
-        lv = self._levels.to(dtype)
-        if self.preserve_symmetry:
-            return k * (2.0 / (lv - 1)) - 1.0
-        half_width = torch.div(lv, 2, rounding_mode="floor")
-        return (k - half_width) / half_width
+        k = self.indices_to_level_indices(indices)
+        return scalar.level_indices_to_codes(k, self._levels, self.preserve_symmetry, dtype)
 
     def _decode(self, indices: Tensor) -> Tensor:
         """(..., dim) output-space codes for forward's indices, channel-last."""
         weight = getattr(self.project_out, "weight", None)
         codes = self.indices_to_implicit_codes(indices, torch.float32 if weight is None else weight.dtype)
-        if self.orthogonal_rotation:
-            codes = codes @ self.orthogonal_rot.to(codes.dtype).t()
+        codes = self._rotate_back(codes)
         if self.keep_num_codebooks_dim:
             codes = codes.flatten(-2)  # (..., c, d) -> (..., c * d)
         return self.project_out(codes)
@@ -373,10 +362,7 @@ class FSQ(ImplicitCodebook):
         """
         if self.num_codebooks > 1:
             raise ValueError(f"codebook needs num_codebooks == 1, got {self.num_codebooks}; use implicit_codebook")
-        codes = self.implicit_codebook
-        if self.orthogonal_rotation:
-            codes = codes @ self.orthogonal_rot.to(codes.dtype).t()
-        return self.project_out(codes)
+        return self.project_out(self._rotate_back(self.implicit_codebook))
 
     @property
     def _code_device(self) -> torch.device:

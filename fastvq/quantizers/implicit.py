@@ -1,4 +1,8 @@
-"""What the implicit-codebook quantizers (FSQ, LFQ) share: codes computed from indices, never stored."""
+"""The base of implicit-codebook quantizers (today ``FSQ``): codes computed from indices, never stored.
+
+``LFQ`` does not use it: as vector-quantize-pytorch's, it keeps every code in a ``codebook`` buffer
+and decodes bits itself (``fastvq/quantizers/lfq.py``).
+"""
 
 from __future__ import annotations
 

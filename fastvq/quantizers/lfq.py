@@ -13,11 +13,12 @@ with p_n the soft assignment of token n over all 2^d codes, p_n(c) = softmax_c(2
 (= exp(-inv_temperature ||x - c||^2) normalised, as ||c|| is the same for every code). In eval mode the
 loss is 0 and the output carries no straight-through gradient, as in the peer.
 
-Two ways to compute the entropies
----------------------------------
-* Default (``exact_entropy=False``): the peer's numbers. The dense (N, 2^d) softmax, and
+Two ways to compute the entropies (the functions are in ``fastvq/quantizers/entropy.py``)
+---------------------------------------------------------------------------------------
+* Default (``exact_entropy=False``): the peer's numbers. The softmax over all 2^d codes, and
   H(p) = -sum p log(max(p, 1e-5)): the clamp biases the entropy (by up to 2^d e^-1 1e-5 nats) but it is
-  what vector-quantize-pytorch trains with, so a changed import does not change training.
+  what vector-quantize-pytorch trains with, so a changed import does not change training. Computed
+  in row chunks of at most 64 MiB of probabilities (recomputed in backward), never all N x 2^d.
 * ``exact_entropy=True`` (recommended): p_n is a product over bits, p_n(c) = prod_i sigmoid(+-l_ni),
   l_ni = 4 inv_temperature a x_ni (a the code magnitude), so H(p_n) = sum_i h(sigmoid(l_ni)) exactly in
   O(N d). The batch term mean_n p_n is a mixture, not a product:
@@ -32,13 +33,11 @@ Two ways to compute the entropies
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -51,7 +50,22 @@ from fastvq.checks import (
     positive_float,
     positive_int,
 )
+from fastvq.quantizers.entropy import (
+    batch_code_distribution,
+    batch_entropy,
+    clamped_entropy,
+    clamped_softmax_entropies,
+    distributed_mean,
+    factorised_entropies,
+    per_sample_entropy,
+)
 from fastvq.quantizers.gradients import straight_through
+
+# The entropy functions moved to fastvq/quantizers/entropy.py; these names stay importable from here.
+__all__ = [
+    "LFQ", "CosineSimLinear", "LFQOutput", "LossBreakdown", "batch_code_distribution", "batch_entropy",
+    "bit_weights", "clamped_entropy", "distributed_mean", "pack_bits", "per_sample_entropy", "unpack_bits",
+]
 
 
 class LFQOutput(NamedTuple):
@@ -74,70 +88,6 @@ class LossBreakdown(NamedTuple):
     commitment: Tensor  # 0-d, mean((x - sg(q))^2); 0 when commitment_loss_weight is 0
 
 
-# ------------------------------------------------------------------------------------------------
-# entropies
-
-
-def clamped_entropy(prob: Tensor) -> Tensor:
-    """vector-quantize-pytorch's entropy over the last axis: -sum p log(max(p, 1e-5))."""
-    return (-prob * prob.clamp(min=1e-5).log()).sum(dim=-1)
-
-
-def _xlogx(p: Tensor) -> Tensor:
-    # p log p with 0 log 0 = 0; the clamp at the smallest normal number keeps the gradient finite.
-    return p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
-
-
-def per_sample_entropy(logits: Tensor) -> Tensor:
-    """mean_n H(p_n) for factorised code distributions, exactly, from per-bit logits (N, d), in nats."""
-    p = torch.sigmoid(logits)
-    h = -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits))  # exact in the tails
-    return h.sum(dim=-1).mean()
-
-
-def _half_distribution(p_plus: Tensor, p_minus: Tensor) -> Tensor:
-    """(N, 2^k) probabilities of all bit patterns of k independent bits, from (N, k) marginals."""
-    dist_ = p_plus.new_ones(p_plus.shape[0], 1)
-    for i in range(p_plus.shape[1]):
-        # Bit i becomes the least significant so far: pattern 2j + 1 has bit i set (+), 2j not.
-        dist_ = torch.stack((dist_ * p_minus[:, i : i + 1], dist_ * p_plus[:, i : i + 1]), dim=-1).flatten(1)
-    return dist_
-
-
-def batch_code_distribution(logits: Tensor) -> Tensor:
-    """mean_n p_n over all 2^d codes, (2^d,) in index order, from per-bit logits (N, d), N >= 1.
-
-    Memory O(N 2^ceil(d/2) + 2^d): the (N, 2^d) matrix is never formed.
-    """
-    d = logits.shape[-1]
-    p_plus, p_minus = torch.sigmoid(logits), torch.sigmoid(-logits)
-    a = d // 2
-    dist_a = _half_distribution(p_plus[:, :a], p_minus[:, :a])  # (N, 2^a), bits 0..a-1
-    dist_b = _half_distribution(p_plus[:, a:], p_minus[:, a:])  # (N, 2^(d-a)), bits a..d-1
-    return (dist_a.t() @ dist_b).flatten() / logits.shape[0]
-
-
-def batch_entropy(logits: Tensor, exact: bool, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """H(mean_n p_n) in nats from per-bit logits (N, d): exact over all 2^d codes, or (exact=False)
-    the factorised upper bound sum_i h(mean_n sigmoid(l_ni)). ``reduce`` (e.g. a cross-rank mean) is
-    applied to the batch distribution / marginals before the entropy."""
-    reduce = reduce or (lambda t: t)
-    if exact:
-        return -_xlogx(reduce(batch_code_distribution(logits))).sum()
-    q_plus = reduce(torch.sigmoid(logits).mean(dim=0))  # (d,)
-    q_minus = reduce(torch.sigmoid(-logits).mean(dim=0))  # accurate where q_plus is close to 1
-    return -(_xlogx(q_plus) + _xlogx(q_minus)).sum()
-
-
-def distributed_mean(t: Tensor) -> Tensor:
-    """Mean of ``t`` over the ranks (differentiable, as the peer's), ``t`` itself in one process."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return t
-    from torch.distributed import nn as dist_nn
-
-    return dist_nn.all_reduce(t) / dist.get_world_size()
-
-
 class CosineSimLinear(nn.Module):
     """The peer's cosine-similarity projection: normalize(x) @ normalize(W, dim 0) * scale; W (dim_in, dim_out)."""
 
@@ -148,6 +98,141 @@ class CosineSimLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return (F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=0)) * self.scale
+
+
+# ------------------------------------------------------------------------------------------------
+# bits <-> indices: bit i of an index is feature i's sign, feature 0 the most significant
+
+
+def bit_weights(codebook_dim: int) -> Tensor:
+    """int64 (d,): 2^(d-1), ..., 2, 1, the weight of each feature's bit in an index (the peer's ``mask``)."""
+    return 2 ** torch.arange(codebook_dim - 1, -1, -1)
+
+
+def unpack_bits(indices: Tensor, weights: Tensor) -> Tensor:
+    """bool (*indices.shape, d): the bits of integer ``indices`` (unchecked), for ``bit_weights(d)``."""
+    return (indices.long().unsqueeze(-1) & weights) != 0
+
+
+def pack_bits(bits: Tensor, weights: Tensor) -> Tensor:
+    """int64 ``bits.shape[:-1]``: the indices of (..., d) bits (bool, or any tensor read as ``!= 0``)."""
+    return ((bits != 0).long() * weights).sum(dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# construction
+
+
+class _Sizes(NamedTuple):
+    """LFQ's checked sizes, stored on the module under these names."""
+
+    codebook_size: int
+    codebook_dim: int
+    num_codebooks: int
+    dim: int
+    has_projections: bool
+    keep_num_codebooks_dim: bool
+
+
+def _check_sizes(
+    dim: int | None,
+    codebook_size: int | None,
+    num_codebooks: int,
+    has_projections: bool | None,
+    keep_num_codebooks_dim: bool | None,
+) -> _Sizes:
+    """Sizes from LFQ's keywords, with the peer's defaults; ValueError naming the bad argument."""
+    if dim is None and codebook_size is None:
+        raise ValueError("LFQ needs dim or codebook_size (or both), got neither")
+    num_codebooks = positive_int(num_codebooks, "num_codebooks")
+    if dim is not None:
+        positive_int(dim, "dim")
+    if codebook_size is None:
+        if dim % num_codebooks:
+            raise ValueError(f"dim must be a multiple of num_codebooks = {num_codebooks}, got {dim}")
+        codebook_size = 2 ** (dim // num_codebooks)
+    if not is_int(codebook_size) or codebook_size < 2:
+        raise ValueError(f"codebook_size must be an int power of two >= 2, got {codebook_size!r}")
+    if codebook_size & (codebook_size - 1):
+        suggestion = 1 << codebook_size.bit_length()
+        raise ValueError(f"codebook_size must be a power of two, got {codebook_size} (e.g. {suggestion})")
+    codebook_dim = codebook_size.bit_length() - 1
+    if codebook_dim > 62:
+        raise ValueError(f"codebook_size must be at most 2**62 (int64 indices), got 2**{codebook_dim}")
+    codebook_dims = codebook_dim * num_codebooks
+    dim = codebook_dims if dim is None else dim
+    has_projections = dim != codebook_dims if has_projections is None else bool(has_projections)
+    if not has_projections and dim != codebook_dims:
+        raise ValueError(f"has_projections=False needs dim == num_codebooks * log2(codebook_size) = "
+                         f"{codebook_dims}, got dim={dim}")
+    keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else bool(keep_num_codebooks_dim)
+    if num_codebooks > 1 and not keep_num_codebooks_dim:
+        raise ValueError(f"keep_num_codebooks_dim=False needs num_codebooks=1, got {num_codebooks}")
+    return _Sizes(codebook_size, codebook_dim, num_codebooks, dim, has_projections, keep_num_codebooks_dim)
+
+
+def _check_scales(
+    codebook_scale: float,
+    frac_per_sample_entropy: float,
+    soft_clamp_input_value: float | None,
+    max_exact_entropy_dim: int,
+) -> float:
+    """The checked ``codebook_scale``; ValueError for any of the four out of range."""
+    if not (isinstance(frac_per_sample_entropy, (int, float)) and 0 < frac_per_sample_entropy <= 1):
+        raise ValueError(f"frac_per_sample_entropy must lie in (0, 1], got {frac_per_sample_entropy!r}")
+    codebook_scale = positive_float(codebook_scale, "codebook_scale")
+    if soft_clamp_input_value is not None and not soft_clamp_input_value >= codebook_scale:
+        raise ValueError(f"soft_clamp_input_value must be >= codebook_scale = {codebook_scale}, "
+                         f"got {soft_clamp_input_value!r}")
+    nonnegative_int(max_exact_entropy_dim, "max_exact_entropy_dim")
+    return codebook_scale
+
+
+def _projections(sizes: _Sizes, bias: bool, cosine_sim_scale: float | None) -> tuple[nn.Module, nn.Module]:
+    """(project_in, project_out) between dim and num_codebooks * d: Linear (project_in a
+    ``CosineSimLinear`` when ``cosine_sim_scale`` is given), or Identity without projections."""
+    if not sizes.has_projections:
+        return nn.Identity(), nn.Identity()
+    inner = sizes.codebook_dim * sizes.num_codebooks
+    if cosine_sim_scale is not None:
+        project_in = CosineSimLinear(sizes.dim, inner, scale=cosine_sim_scale)
+    else:
+        project_in = nn.Linear(sizes.dim, inner, bias=bias)
+    return project_in, nn.Linear(inner, sizes.dim, bias=bias)
+
+
+def _sample_tokens(tokens: Tensor, frac: float) -> Tensor:
+    """A random ``frac`` of the rows of ``tokens``, drawn as the peer draws them (torch's global CPU generator)."""
+    num_tokens = tokens.shape[0]
+    rand_mask = torch.randn(num_tokens).argsort(dim=-1) < int(num_tokens * frac)
+    return tokens[rand_mask.to(tokens.device)]
+
+
+def _to_rows(
+    x: Tensor, mask: Tensor | None, dim: int, channel_first: bool | None
+) -> tuple[Tensor, Tensor | None, torch.Size, bool]:
+    """LFQ's input as rows: (x (b, n, dim), mask (b, n) bool or None, x's channel-last shape
+    without the feature axis, whether the features were on axis 1).
+
+    ``channel_first`` None: features on axis 1 for 4-D and larger input, else last.
+
+    Raises:
+        ValueError: the feature axis is not ``dim``, or ``mask`` does not hold one entry per token.
+    """
+    check_float_tensor(x, "x", min_dim=2)
+    transpose = x.dim() >= 4 if channel_first is None else bool(channel_first)
+    if x.shape[1 if transpose else -1] != dim:
+        layout = "(B, dim, ...)" if transpose else "(B, ..., dim)"
+        raise ValueError(f"x must be {layout} with dim = {dim}, got shape {tuple(x.shape)}")
+    if transpose:
+        x = x.movedim(1, -1)
+    lead = x.shape[:-1]
+    x = x.reshape(lead[0], -1, dim)  # (b, n, dim)
+    if mask is not None:
+        mask = mask.reshape(x.shape[0], -1).bool()
+        if mask.shape[1] != x.shape[1]:
+            raise ValueError(f"mask must hold one entry per token, {tuple(lead)}, got shape {tuple(mask.shape)}")
+    return x, mask, lead, transpose
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,46 +303,10 @@ class LFQ(nn.Module):
         max_exact_entropy_dim: int = 12,
     ) -> None:
         super().__init__()
-        if dim is None and codebook_size is None:
-            raise ValueError("LFQ needs dim or codebook_size (or both), got neither")
-        num_codebooks = positive_int(num_codebooks, "num_codebooks")
-        if dim is not None:
-            positive_int(dim, "dim")
-        if codebook_size is None:
-            if dim % num_codebooks:
-                raise ValueError(f"dim must be a multiple of num_codebooks = {num_codebooks}, got {dim}")
-            codebook_size = 2 ** (dim // num_codebooks)
-        if not is_int(codebook_size) or codebook_size < 2:
-            raise ValueError(f"codebook_size must be an int power of two >= 2, got {codebook_size!r}")
-        if codebook_size & (codebook_size - 1):
-            suggestion = 1 << codebook_size.bit_length()
-            raise ValueError(f"codebook_size must be a power of two, got {codebook_size} (e.g. {suggestion})")
-        codebook_dim = codebook_size.bit_length() - 1
-        if codebook_dim > 62:
-            raise ValueError(f"codebook_size must be at most 2**62 (int64 indices), got 2**{codebook_dim}")
-        codebook_dims = codebook_dim * num_codebooks
-        dim = codebook_dims if dim is None else dim
-        has_projections = dim != codebook_dims if has_projections is None else bool(has_projections)
-        if not has_projections and dim != codebook_dims:
-            raise ValueError(f"has_projections=False needs dim == num_codebooks * log2(codebook_size) = "
-                             f"{codebook_dims}, got dim={dim}")
-        keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else bool(keep_num_codebooks_dim)
-        if num_codebooks > 1 and not keep_num_codebooks_dim:
-            raise ValueError(f"keep_num_codebooks_dim=False needs num_codebooks=1, got {num_codebooks}")
-        if not (isinstance(frac_per_sample_entropy, (int, float)) and 0 < frac_per_sample_entropy <= 1):
-            raise ValueError(f"frac_per_sample_entropy must lie in (0, 1], got {frac_per_sample_entropy!r}")
-        codebook_scale = positive_float(codebook_scale, "codebook_scale")
-        if soft_clamp_input_value is not None and not soft_clamp_input_value >= codebook_scale:
-            raise ValueError(f"soft_clamp_input_value must be >= codebook_scale = {codebook_scale}, "
-                             f"got {soft_clamp_input_value!r}")
-        nonnegative_int(max_exact_entropy_dim, "max_exact_entropy_dim")
-
-        self.codebook_size = codebook_size
-        self.codebook_dim = codebook_dim
-        self.num_codebooks = num_codebooks
-        self.dim = dim
-        self.has_projections = has_projections
-        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        sizes = _check_sizes(dim, codebook_size, num_codebooks, has_projections, keep_num_codebooks_dim)
+        codebook_scale = _check_scales(codebook_scale, frac_per_sample_entropy, soft_clamp_input_value,
+                                       max_exact_entropy_dim)
+        vars(self).update(sizes._asdict())  # codebook_size, codebook_dim, ...: plain attributes
         self.channel_first = channel_first
         self.entropy_loss_weight = check_weight(entropy_loss_weight, "entropy_loss_weight")
         self.commitment_loss_weight = check_weight(commitment_loss_weight, "commitment_loss_weight")
@@ -274,22 +323,18 @@ class LFQ(nn.Module):
         self.max_exact_entropy_dim = max_exact_entropy_dim
         self.activation = nn.Identity() if straight_through_activation is None else straight_through_activation
 
-        if cosine_sim_project_in:
-            scale = codebook_scale if cosine_sim_project_in_scale is None else cosine_sim_project_in_scale
-            project_in = partial(CosineSimLinear, scale=scale)
-        else:
-            project_in = partial(nn.Linear, bias=projection_has_bias)
-        self.project_in = project_in(dim, codebook_dims) if has_projections else nn.Identity()
-        self.project_out = nn.Linear(codebook_dims, dim, bias=projection_has_bias) if has_projections else nn.Identity()
-
+        cosine_scale = codebook_scale if cosine_sim_project_in_scale is None else cosine_sim_project_in_scale
+        self.project_in, self.project_out = _projections(
+            sizes, projection_has_bias, cosine_scale if cosine_sim_project_in else None
+        )
         if orthogonal_rotation:
-            rot = torch.empty(codebook_dim, codebook_dim)
+            rot = torch.empty(sizes.codebook_dim, sizes.codebook_dim)
             nn.init.orthogonal_(rot)
             self.register_buffer("orthogonal_rot", rot)
         # The peer's buffers: bit weights (persistent, most significant first), zero, every code.
-        self.register_buffer("mask", 2 ** torch.arange(codebook_dim - 1, -1, -1))
+        self.register_buffer("mask", bit_weights(sizes.codebook_dim))
         self.register_buffer("zero", torch.tensor(0.0), persistent=False)
-        bits = (torch.arange(codebook_size)[..., None] & self.mask) != 0
+        bits = unpack_bits(torch.arange(sizes.codebook_size), self.mask)
         self.register_buffer("codebook", self.bits_to_codes(bits.float()).float(), persistent=False)
         self.last_loss_breakdown: LossBreakdown | None = None
 
@@ -317,18 +362,33 @@ class LFQ(nn.Module):
 
     def entropy_terms(self, tokens: Tensor, inv_temperature: float = 100.0) -> tuple[Tensor, Tensor]:
         """(per-sample entropy, batch entropy) of code-space tokens (N, num_codebooks, d), 0-d each,
-        averaged over the codebooks: the peer's clamped dense softmax, or the exact terms."""
+        averaged over the codebooks: the peer's clamped softmax, or the exact terms (entropy.py)."""
         if self.exact_entropy:
             logits = (4.0 * inv_temperature * self.code_magnitude()) * tokens  # per-bit log-odds
-            exact = self.batch_entropy_is_exact
-            batch = torch.stack([batch_entropy(logits[:, c], exact, distributed_mean) for c in range(tokens.shape[1])])
-            return per_sample_entropy(logits.reshape(-1, self.codebook_dim)), batch.mean()
-        codebook = self.codebook.to(tokens.dtype)
-        codebook = self.maybe_l2norm(codebook)
-        distance = -2 * torch.einsum("... i d, j d -> ... i j", tokens, codebook)  # (N, c, K)
-        prob = (-distance * inv_temperature).softmax(dim=-1)
-        avg_prob = distributed_mean(prob.mean(dim=0))  # (c, K)
-        return clamped_entropy(prob).mean(), clamped_entropy(avg_prob).mean()
+            return factorised_entropies(logits, self.batch_entropy_is_exact, distributed_mean)
+        codebook = self.maybe_l2norm(self.codebook.to(tokens.dtype))
+        return clamped_softmax_entropies(tokens, codebook, inv_temperature, distributed_mean)
+
+    def _losses(
+        self, x: Tensor, quantized: Tensor, mask: Tensor | None, inv_temperature: float
+    ) -> tuple[Tensor, LossBreakdown]:
+        """(unweighted entropy loss, its breakdown) of code-space x and its quantized codes
+        (b, n, c, d), over the tokens ``mask`` (b, n) keeps; 0-d zeros in eval mode."""
+        zero = self.zero.to(x.dtype)
+        if not self.training:
+            return zero, LossBreakdown(zero, zero, zero)
+        tokens = x[mask] if mask is not None else x.flatten(0, 1)  # (N, c, d)
+        if self.frac_per_sample_entropy < 1.0:
+            tokens = _sample_tokens(tokens, self.frac_per_sample_entropy)
+        per_sample_h, batch_h = self.entropy_terms(tokens, inv_temperature)
+        entropy_aux_loss = per_sample_h - self.diversity_gamma * batch_h
+        if self.experimental_softplus_entropy_loss:
+            entropy_aux_loss = F.softplus(entropy_aux_loss + self.entropy_loss_offset)
+        commit_loss = zero
+        if self.commitment_loss_weight > 0:
+            commit = F.mse_loss(x, quantized.detach(), reduction="none")
+            commit_loss = (commit[mask] if mask is not None else commit).mean()
+        return entropy_aux_loss, LossBreakdown(per_sample_h, batch_h, commit_loss)
 
     # ---- forward -------------------------------------------------------------------------------
 
@@ -340,20 +400,7 @@ class LFQ(nn.Module):
         mask: Tensor | None = None,
     ) -> LFQOutput | tuple[LFQOutput, LossBreakdown]:
         """Quantize ``x``; see the class docstring for layouts and returns."""
-        check_float_tensor(x, "x", min_dim=2)
-        transpose = x.dim() >= 4 if self.channel_first is None else bool(self.channel_first)
-        if x.shape[1 if transpose else -1] != self.dim:
-            layout = "(B, dim, ...)" if transpose else "(B, ..., dim)"
-            raise ValueError(f"x must be {layout} with dim = {self.dim}, got shape {tuple(x.shape)}")
-        if transpose:
-            x = x.movedim(1, -1)
-        lead = x.shape[:-1]
-        x = x.reshape(lead[0], -1, self.dim)  # (b, n, dim)
-        if mask is not None:
-            mask = mask.reshape(x.shape[0], -1).bool()
-            if mask.shape[1] != x.shape[1]:
-                raise ValueError(f"mask must hold one entry per token, {tuple(lead)}, got shape {tuple(mask.shape)}")
-
+        x, mask, lead, transpose = _to_rows(x, mask, self.dim, self.channel_first)  # x (b, n, dim)
         x = self.project_in(x)
         if self.soft_clamp_input_value is not None:
             v = self.soft_clamp_input_value
@@ -372,43 +419,24 @@ class LFQ(nn.Module):
             original_input = x
             positive = x > 0
             s = x.new_tensor(self.codebook_scale)
-            quantized = torch.where(positive, s, -s)
-            indices = (positive.long() * self.mask).sum(dim=-1)  # (b, n, c) int64
-            quantized = self.maybe_l2norm(quantized)
+            quantized = self.maybe_l2norm(torch.where(positive, s, -s))
+            indices = pack_bits(positive, self.mask)  # (b, n, c) int64
             # straight-through: quantized's value (bitwise), the activation's gradient to x
             x = straight_through(self.activation(x), quantized) if self.training else quantized
-
-            zero = self.zero.to(x.dtype)
-            per_sample_h = batch_h = entropy_aux_loss = commit_loss = zero
-            if self.training:
-                tokens = original_input[mask] if mask is not None else original_input.flatten(0, 1)  # (N, c, d)
-                if self.frac_per_sample_entropy < 1.0:
-                    num_tokens = tokens.shape[0]
-                    num_sampled = int(num_tokens * self.frac_per_sample_entropy)
-                    rand_mask = torch.randn(num_tokens).argsort(dim=-1) < num_sampled  # the peer's draw
-                    tokens = tokens[rand_mask.to(tokens.device)]
-                per_sample_h, batch_h = self.entropy_terms(tokens, inv_temperature)
-                entropy_aux_loss = per_sample_h - self.diversity_gamma * batch_h
-                if self.experimental_softplus_entropy_loss:
-                    entropy_aux_loss = F.softplus(entropy_aux_loss + self.entropy_loss_offset)
-                if self.commitment_loss_weight > 0:
-                    commit = F.mse_loss(original_input, quantized.detach(), reduction="none")
-                    commit_loss = (commit[mask] if mask is not None else commit).mean()
+            entropy_aux_loss, breakdown = self._losses(original_input, quantized, mask, inv_temperature)
             if force_f32:
                 x = x.type(orig_dtype)
 
         if self.orthogonal_rotation:
             x = x @ self.orthogonal_rot.t()
-        out = self.project_out(x.flatten(-2))  # (b, n, dim)
-        out = out.reshape(*lead, self.dim)
+        out = self.project_out(x.flatten(-2)).reshape(*lead, self.dim)
         if transpose:
             out = out.movedim(-1, 1)
         indices = indices.reshape(*lead, self.num_codebooks)
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
 
-        loss = entropy_aux_loss * self.entropy_loss_weight + commit_loss * self.commitment_loss_weight
-        breakdown = LossBreakdown(per_sample_h, batch_h, commit_loss)
+        loss = entropy_aux_loss * self.entropy_loss_weight + breakdown.commitment * self.commitment_loss_weight
         self.last_loss_breakdown = LossBreakdown(*(t.detach() for t in breakdown))
         ret = LFQOutput(out, indices, loss)
         return (ret, breakdown) if return_loss_breakdown else ret
@@ -433,7 +461,7 @@ class LFQ(nn.Module):
         transpose = is_img_or_video if self.channel_first is None else bool(self.channel_first)
         if not self.keep_num_codebooks_dim:
             indices = indices.unsqueeze(-1)
-        bits = ((indices[..., None].long() & self.mask) != 0).to(self.dtype)
+        bits = unpack_bits(indices, self.mask).to(self.dtype)
         codes = self.maybe_l2norm(self.bits_to_codes(bits))
         if self.orthogonal_rotation:
             codes = codes @ self.orthogonal_rot.t()
@@ -445,13 +473,13 @@ class LFQ(nn.Module):
     def indices_to_bits(self, indices: Tensor) -> Tensor:
         """bool (*indices.shape, d): bit i of each index, feature 0 most significant."""
         check_indices(indices, self.codebook_size)
-        return (indices.long().unsqueeze(-1) & self.mask) != 0
+        return unpack_bits(indices, self.mask)
 
     def bits_to_indices(self, bits: Tensor) -> Tensor:
         """int64 indices from (..., d) bits (bool, or any tensor read as ``!= 0``)."""
         if bits.shape[-1] != self.codebook_dim:
             raise ValueError(f"bits must be (..., {self.codebook_dim}), got shape {tuple(bits.shape)}")
-        return ((bits != 0).long() * self.mask).sum(dim=-1)
+        return pack_bits(bits, self.mask)
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """int64 indices of (..., d) codes: bit i = (code_i > 0). Codes are taken before project_out."""
