@@ -58,3 +58,23 @@ def lookup(books: Tensor, idx: Tensor) -> Tensor:
         return books[0][idx]
     head = torch.arange(books.shape[0], device=idx.device)
     return books[head, idx]
+
+
+def peer_loss(loss: Tensor, commitment_weight: float, codebook_weight: float, one_term: bool) -> tuple[Tensor, Tensor]:
+    """(loss, commitment): ``nearest``'s weighted loss as the peer reports it, and its unweighted term.
+
+    Args:
+        loss: 0-d, commitment_weight * mse(z, sg(e)) + codebook_weight * mse(sg(z), e) from ``nearest``.
+        one_term: the peer's single term commitment_weight * mse(z, e): with equal weights on both
+            gradients the value would count mse twice, so the codebook term's value is removed
+            (detached) while its gradient to the codes stays.
+
+    Returns:
+        loss: 0-d, same gradients as the input. commitment: 0-d mse(z, e) (both terms are that mse),
+        a detached zero when both weights are 0.
+    """
+    total = commitment_weight + codebook_weight
+    commitment = loss / total if total > 0 else loss.detach() * 0
+    if one_term and codebook_weight:
+        loss = loss - (codebook_weight * commitment).detach()  # value cw * mse, gradients unchanged
+    return loss, commitment

@@ -193,6 +193,62 @@ def resolve_training_mode(
     return bool(ema_update), bool(learnable_codebook), codebook_weight
 
 
+def rows_per_book(t: Tensor, books: int) -> list[Tensor]:
+    """Per codebook, its rows of ``t`` (..., H, C): ``books`` tensors (M, C).
+
+    ``books == 1``: one codebook shared by the heads, so every head's rows (M = rows * H);
+    otherwise ``books == H``, one codebook per head and its head's rows.
+    """
+    if books == 1:
+        return [t.reshape(-1, t.shape[-1])]
+    return [t[..., h, :].reshape(-1, t.shape[-1]) for h in range(books)]
+
+
+def kmeans_init_books_(book: Codebook, updater: CodebookUpdater, z: Tensor) -> None:
+    """k-means on the first training batch ``z`` (..., H, D) (detached), one run per codebook of ``book``."""
+    states = book.states()
+    for state, rows in zip(states, rows_per_book(z, len(states)), strict=True):
+        updater.kmeans_init_(state, rows)
+    book.mark_initted()
+
+
+def update_books_(book: Codebook, updater: CodebookUpdater, z: Tensor, idx: Tensor) -> None:
+    """EMA / dead-code revival / telemetry of every codebook of ``book`` from one training batch.
+
+    Args:
+        z: (..., H, D) the batch's (detached) rows. idx: (..., H) int64 their codes.
+    """
+    states = book.states()
+    codes = [c.reshape(-1) for c in rows_per_book(idx.unsqueeze(-1), len(states))]  # (M,) per book
+    batches = zip(states, rows_per_book(z, len(states)), codes, strict=True)
+    book.record_usage_([updater.update_(state, rows, c) for state, rows, c in batches])
+
+
+CODEBOOK_INITS = ("kaiming_uniform", "normal")
+
+
+def initial_codes(shape: tuple[int, int, int], init: str, kmeans_init: bool, use_cosine_sim: bool) -> Tensor:
+    """The starting codes, a (books, K, D) float32 tensor (random draws from torch's global RNG).
+
+    ``init="normal"``: standard normal (drawn even with ``kmeans_init``, then overwritten by the
+    k-means, as fastvq always did, so the RNG stream is unchanged). Otherwise the peer's: zeros with
+    ``kmeans_init`` (until the first training batch), else kaiming-uniform over the whole tensor
+    (bound sqrt(6 / (K D))). Random codes are l2-normalised along D with ``use_cosine_sim``.
+
+    Raises:
+        ValueError: ``init`` not one of ``CODEBOOK_INITS``.
+    """
+    if init not in CODEBOOK_INITS:
+        raise ValueError(f"codebook_init must be 'kaiming_uniform' or 'normal', got {init!r}")
+    if init == "normal":
+        codes = torch.randn(shape)
+    elif kmeans_init:
+        return torch.zeros(shape)
+    else:
+        codes = nn.init.kaiming_uniform_(torch.empty(shape))
+    return F.normalize(codes, dim=-1) if use_cosine_sim else codes
+
+
 @dataclass(frozen=True)
 class CodebookUpdater:
     """How a codebook changes in training forwards: the hyper-parameters, applied to given tensors.

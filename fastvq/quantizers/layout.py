@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 
@@ -35,6 +36,83 @@ def to_channel_last(z: Tensor, dim: int, channel_last: bool, accept_image_fmap: 
         layout = "(B, ..., dim)" if channel_last else "(B, dim, ...)"
         raise ValueError(f"z must be {layout} with dim = {dim}, got shape {tuple(z.shape)}")
     return z if channel_last else z.movedim(1, -1)
+
+
+def fmap_to_channel_last(
+    x: Tensor, dim: int, channel_last: bool, accept_image_fmap: bool, accept_3d_fmap: bool
+) -> Tensor:
+    """``to_channel_last`` that also takes (B, dim, D, H, W) volumes with ``accept_3d_fmap``.
+
+    Returns (B, ..., dim): (B, D, H, W, dim) for a volume.
+
+    Raises:
+        ValueError: ``accept_3d_fmap`` and ``x`` is not (B, dim, D, H, W); else as ``to_channel_last``.
+    """
+    if accept_3d_fmap:
+        if x.dim() != 5 or x.shape[1] != dim:
+            raise ValueError(f"x must be a (B, {dim}, D, H, W) map (accept_3d_fmap=True), got shape {tuple(x.shape)}")
+        return x.movedim(1, -1)
+    return to_channel_last(x, dim, channel_last, accept_image_fmap)
+
+
+def sequence_mask(x: Tensor, mask: Tensor | None, lens: Tensor | None, channel_last: bool, fmap: bool) -> Tensor | None:
+    """The (B, N) bool mask (True = valid) of a (B, N, dim) / (B, dim, N) sequence ``x``, or None.
+
+    ``mask`` is returned as given after checks; ``lens`` (B,) int lengths become
+    ``arange(N) < lens[:, None]`` on ``x``'s device. ``fmap``: ``x`` is an image / volume map,
+    which takes no mask.
+
+    Raises:
+        ValueError: both ``mask`` and ``lens``; a mask on a map or on ``x`` that is not 3-d; a mask
+        that is not bool of shape (B, N).
+    """
+    if mask is not None and lens is not None:
+        raise ValueError("pass either mask or lens, not both")
+    if mask is None and lens is None:
+        return None
+    if fmap or x.dim() != 3:
+        raise ValueError(f"mask / lens need a (B, N, dim) or (B, dim, N) input, got shape {tuple(x.shape)}")
+    length = x.shape[1] if channel_last else x.shape[2]
+    if lens is not None:
+        mask = torch.arange(length, device=x.device) < lens.to(x.device)[:, None]
+    if mask.dtype != torch.bool or tuple(mask.shape) != (x.shape[0], length):
+        want = (x.shape[0], length)
+        raise ValueError(f"mask must be a bool tensor of shape {want}, got {mask.dtype} {tuple(mask.shape)}")
+    return mask
+
+
+def scatter_valid(rows: Tensor, mask: Tensor, fill: float | int) -> Tensor:
+    """Rows of the valid positions back into the full (B, N, ...) grid, ``fill`` elsewhere.
+
+    Args:
+        rows: (M, ...) the values at the M True positions of ``mask``, in ``mask``'s order.
+        mask: (B, N) bool.
+
+    Returns:
+        (B, N, ...) in rows' dtype and device; differentiable with respect to ``rows``.
+    """
+    return rows.new_full((*mask.shape, *rows.shape[1:]), fill).index_put((mask,), rows)
+
+
+def fill_padding(out: Tensor, x: Tensor, mask: Tensor, zeros: bool) -> Tensor:
+    """``out`` (B, N, dim) at the valid positions of ``mask`` (B, N); zeros (``zeros=True``, the
+    peer's ``return_zeros_for_masked_padding``) or the input ``x`` (B, N, dim) elsewhere, in out's dtype."""
+    fill = torch.zeros_like(x) if zeros else x
+    return torch.where(mask[..., None], out, fill.to(out.dtype))
+
+
+def with_heads_axis(indices: Tensor, heads: int) -> Tensor:
+    """(..., heads) view of the indices a quantizer returns: those already end in a heads axis when
+    heads > 1, and get a size-1 one otherwise.
+
+    Raises:
+        ValueError: heads > 1 and ``indices`` does not end in an axis of size ``heads``.
+    """
+    if heads == 1:
+        return indices.unsqueeze(-1)
+    if indices.dim() == 0 or indices.shape[-1] != heads:
+        raise ValueError(f"indices must end in a heads axis of size {heads}, got shape {tuple(indices.shape)}")
+    return indices
 
 
 def from_channel_last(out: Tensor, channel_last: bool) -> Tensor:

@@ -13,3 +13,21 @@ class QuantizerOutput(NamedTuple):
     quantized: Tensor  # same shape and layout as the input
     indices: Tensor  # int64, the input's shape without the feature axis (plus a heads axis if heads > 1)
     loss: Tensor  # 0-d: codebook + commitment terms, already weighted
+
+
+class LossBreakdown(NamedTuple):
+    """The peer's loss breakdown (``return_loss_breakdown=True``): unweighted terms, 0-d."""
+
+    commitment: Tensor
+    codebook_diversity: Tensor
+    orthogonal_reg: Tensor
+    inplace_optimize: Tensor
+
+
+class QuantizerOutputWithBreakdown(NamedTuple):
+    """What ``forward(..., return_loss_breakdown=True)`` returns: the peer's four values."""
+
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+    loss_breakdown: LossBreakdown

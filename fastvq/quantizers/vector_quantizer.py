@@ -4,15 +4,17 @@ The same constructor and forward keywords, defaults, returns and state_dict keys
 release 1.32 for the options implemented here; every other peer keyword is accepted at its
 default value and raises NotImplementedError (naming it) at any other value.
 
-A composition of parts: layouts (layout.py), assignment (assignment.py: nearest code through the
-fused op), gradient estimators (gradients.py), and the codebook's state and updates
-(codebook.py: the ``_codebook`` submodule, EMA, k-means init, dead codes, DDP sync, telemetry).
-This file holds the options, the heads and projections, masks, and the order the parts run in.
+A composition of parts: layouts and masks (layout.py), assignment and the peer's loss
+(assignment.py: nearest code through the fused op), gradient estimators (gradients.py), the
+codebook's state, initial codes and updates (codebook.py: the ``_codebook`` submodule, EMA, k-means
+init, dead codes, DDP sync, telemetry), the peer's unimplemented keywords (peer_options.py), old
+checkpoint keys (checkpoints.py) and the result types (output.py). This file holds the options,
+the heads and projections, and the order the parts run in.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,77 +22,30 @@ from torch import Tensor, nn
 
 from fastvq.checks import check_float_tensor, check_indices, check_weight, positive_int
 from fastvq.quantizers import assignment, codebook
+from fastvq.quantizers.checkpoints import remap_old_codebook_keys
 from fastvq.quantizers.gradients import rotate_to
-from fastvq.quantizers.layout import from_channel_last, projections, to_channel_last
-from fastvq.quantizers.output import QuantizerOutput
+from fastvq.quantizers.layout import (
+    fill_padding,
+    fmap_to_channel_last,
+    from_channel_last,
+    projections,
+    scatter_valid,
+    sequence_mask,
+    with_heads_axis,
+)
+from fastvq.quantizers.output import LossBreakdown, QuantizerOutput, QuantizerOutputWithBreakdown
+from fastvq.quantizers.peer_options import (
+    UNSUPPORTED_FORWARD_OPTIONS,
+    UNSUPPORTED_OPTIONS,
+    check_unsupported,
+    skips_ema_update,
+)
 
-# Peer constructor keywords not implemented here, with the peer's defaults (accepted at these values).
-UNSUPPORTED_OPTIONS: dict[str, Any] = {
-    "sync_kmeans": True,
-    "layernorm_after_project_in": False,
-    "commitment_use_cross_entropy_loss": False,
-    "orthogonal_reg_weight": 0.0,
-    "orthogonal_reg_active_codes_only": False,
-    "orthogonal_reg_max_codes": None,
-    "codebook_diversity_loss_weight": 0.0,
-    "codebook_diversity_temperature": 100.0,
-    "stochastic_sample_codes": False,
-    "sample_codebook_temp": 1.0,
-    "straight_through": False,
-    "directional_reparam": False,
-    "directional_reparam_variance": 5e-3,
-    "sync_codebook": None,
-    "sync_affine_param": False,
-    "vq_bridge": None,
-    "manual_ema_update": False,
-    "in_place_codebook_optimizer": None,
-    "manual_in_place_optimizer_update": False,
-    "affine_param": False,
-    "affine_param_batch_decay": 0.99,
-    "affine_param_codebook_decay": 0.9,
-    "sync_update_v": 0.0,
-    "route_gradients_to_input": True,
-}
-
-# Codebook keys of fastvq checkpoints before the peer's keys (module level) -> their new names.
-_OLD_KEYS = {
-    "embed": "_codebook.embed",
-    "ema_count": "_codebook.cluster_size",
-    "ema_sum": "_codebook.embed_avg",
-    "initted": "_codebook.initted",
-}
-
-
-def check_unsupported(where: str, given: dict[str, Any], defaults: dict[str, Any]) -> None:
-    """TypeError for a keyword the peer does not have either; NotImplementedError for a peer keyword
-    given at a value other than its default (the peer's option that fastvq does not implement)."""
-    for name, value in given.items():
-        if name not in defaults:
-            raise TypeError(f"{where} got an unexpected keyword argument {name!r}")
-        default = defaults[name]
-        if value is not default and value != default:
-            raise NotImplementedError(
-                f"{where}: vector-quantize-pytorch's option {name}={value!r} is not implemented in fastvq "
-                f"(only its default {default!r} is accepted)"
-            )
-
-
-class LossBreakdown(NamedTuple):
-    """The peer's loss breakdown (``return_loss_breakdown=True``): unweighted terms, 0-d."""
-
-    commitment: Tensor
-    codebook_diversity: Tensor
-    orthogonal_reg: Tensor
-    inplace_optimize: Tensor
-
-
-class QuantizerOutputWithBreakdown(NamedTuple):
-    """What ``forward(..., return_loss_breakdown=True)`` returns: the peer's four values."""
-
-    quantized: Tensor
-    indices: Tensor
-    loss: Tensor
-    loss_breakdown: LossBreakdown
+# Re-exported: the names this module defined before they moved to their parts.
+__all__ = [
+    "UNSUPPORTED_OPTIONS", "LossBreakdown", "QuantizerOutputWithBreakdown", "VectorQuantize", "VectorQuantizer",
+    "check_unsupported",
+]
 
 
 class VectorQuantizer(nn.Module):
@@ -180,8 +135,6 @@ class VectorQuantizer(nn.Module):
         self.codebook_dim = positive_int(dim if codebook_dim is None else codebook_dim, "codebook_dim")
         if accept_image_fmap and accept_3d_fmap:
             raise ValueError("accept_image_fmap and accept_3d_fmap cannot both be True")
-        if codebook_init not in ("kaiming_uniform", "normal"):
-            raise ValueError(f"codebook_init must be 'kaiming_uniform' or 'normal', got {codebook_init!r}")
         self.commitment_weight = check_weight(commitment_weight, "commitment_weight")
         # The peer's loss is ONE term, commitment_weight * mse(z, e), with gradients to z and (learnable)
         # to e: fastvq's two terms with equal weights give the same gradients, and count the value once.
@@ -209,13 +162,7 @@ class VectorQuantizer(nn.Module):
 
         self.project_in, self.project_out = projections(dim, heads * self.codebook_dim)
         shape = (heads if separate_codebook_per_head else 1, codebook_size, self.codebook_dim)
-        if codebook_init == "normal":  # drawn with kmeans_init too (then overwritten), as fastvq always did
-            init = F.normalize(torch.randn(shape), dim=-1) if use_cosine_sim else torch.randn(shape)
-        elif kmeans_init:  # the peer's: zeros until the first training batch
-            init = torch.zeros(shape)
-        else:  # the peer's: kaiming-uniform over the (books, K, D) tensor, bound sqrt(6 / (K D))
-            init = nn.init.kaiming_uniform_(torch.empty(shape))
-            init = F.normalize(init, dim=-1) if use_cosine_sim else init
+        init = codebook.initial_codes(shape, codebook_init, kmeans_init, use_cosine_sim)
         self._codebook = codebook.Codebook(init, learnable=learnable_codebook, initted=not kmeans_init)
 
     # -- codebook views ---------------------------------------------------------------------------
@@ -264,31 +211,6 @@ class VectorQuantizer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
 
-    def _to_channel_last(self, x: Tensor) -> Tensor:
-        if self.accept_3d_fmap:
-            if x.dim() != 5 or x.shape[1] != self.dim:
-                raise ValueError(
-                    f"x must be a (B, {self.dim}, D, H, W) map (accept_3d_fmap=True), got shape {tuple(x.shape)}"
-                )
-            return x.movedim(1, -1)
-        return to_channel_last(x, self.dim, self.channel_last, self.accept_image_fmap)
-
-    def _mask(self, x: Tensor, mask: Tensor | None, lens: Tensor | None) -> Tensor | None:
-        """(B, N) bool mask of the valid positions of a (B, N, dim) / (B, dim, N) input, or None."""
-        if mask is not None and lens is not None:
-            raise ValueError("pass either mask or lens, not both")
-        if mask is None and lens is None:
-            return None
-        if self.accept_image_fmap or self.accept_3d_fmap or x.dim() != 3:
-            raise ValueError(f"mask / lens need a (B, N, dim) or (B, dim, N) input, got shape {tuple(x.shape)}")
-        length = x.shape[1] if self.channel_last else x.shape[2]
-        if lens is not None:
-            mask = torch.arange(length, device=x.device) < lens.to(x.device)[:, None]
-        if mask.dtype != torch.bool or tuple(mask.shape) != (x.shape[0], length):
-            want = (x.shape[0], length)
-            raise ValueError(f"mask must be a bool tensor of shape {want}, got {mask.dtype} {tuple(mask.shape)}")
-        return mask
-
     def forward(
         self,
         x: Tensor,
@@ -312,23 +234,16 @@ class VectorQuantizer(nn.Module):
         without stochastic sampling (as in the peer). ``indices``, ``topk``, ``codebook_transform_fn``,
         ``ema_update_weight`` and ``accum_ema_update`` raise NotImplementedError at a non-default value.
         """
-        check_unsupported(
-            f"{type(self).__name__}.forward",
-            {"indices": indices, "topk": topk, "codebook_transform_fn": codebook_transform_fn,
-             "ema_update_weight": ema_update_weight, "accum_ema_update": accum_ema_update},
-            {"indices": None, "topk": None, "codebook_transform_fn": None, "ema_update_weight": None,
-             "accum_ema_update": False},
-        )
-        skip_ema = ema_update is not None and bool(ema_update) != self.ema_update
-        if skip_ema and (ema_update or self.threshold_ema_dead_code):
-            raise NotImplementedError(
-                f"{type(self).__name__}.forward: ema_update={ema_update!r} is implemented only as False on an EMA "
-                "codebook without dead-code revival (skip this forward's update)"
-            )
+        where = f"{type(self).__name__}.forward"
+        given = {"indices": indices, "topk": topk, "codebook_transform_fn": codebook_transform_fn,
+                 "ema_update_weight": ema_update_weight, "accum_ema_update": accum_ema_update}
+        check_unsupported(where, given, UNSUPPORTED_FORWARD_OPTIONS)
+        skip_ema = skips_ema_update(where, ema_update, self.ema_update, bool(self.threshold_ema_dead_code))
         check_float_tensor(x, "x", min_dim=2)
-        mask = self._mask(x, mask, lens)
+        fmap = self.accept_image_fmap or self.accept_3d_fmap
+        mask = sequence_mask(x, mask, lens, self.channel_last, fmap)
         freeze = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
-        x_last = self._to_channel_last(x)  # (B, ..., dim)
+        x_last = fmap_to_channel_last(x, self.dim, self.channel_last, self.accept_image_fmap, self.accept_3d_fmap)
         z = self.project_in(x_last)
         lead = z.shape[:-1]
         z = z.reshape(*lead, self.heads, self.codebook_dim)  # (B, ..., H, cd)
@@ -336,7 +251,7 @@ class VectorQuantizer(nn.Module):
             z = F.normalize(z, dim=-1)
         rows = z if mask is None else z[mask]  # (M, H, cd) with a mask: only the valid positions
         if self.training and not self._codebook._initted:
-            self._init_codebooks(rows.detach())
+            codebook.kmeans_init_books_(self._codebook, self.updater, rows.detach())
 
         books = self._codebook.embed
         update = self.training and not freeze and not skip_ema
@@ -351,20 +266,16 @@ class VectorQuantizer(nn.Module):
         if self.rotation_trick:  # zq already carries the fused op's straight-through gradient otherwise
             zq = rotate_to(rows, zq)
         if update:
-            self._update_codebooks(rows.detach(), idx)
-        commitment = loss / sum(weights) if sum(weights) > 0 else loss.detach() * 0  # each term is mse(z, e)
-        if self._one_term and codebook_weight:
-            loss = loss - (codebook_weight * commitment).detach()  # value cw * mse, gradients unchanged
+            codebook.update_books_(self._codebook, self.updater, rows.detach(), idx)
+        loss, commitment = assignment.peer_loss(loss, *weights, self._one_term)
         if not (self.training or self.eval_loss):
             loss = commitment = torch.zeros((), device=x.device)
 
         if mask is not None:
-            zq = zq.new_zeros(*lead, self.heads, self.codebook_dim).index_put((mask,), zq)
-            idx = idx.new_full((*lead, self.heads), -1).index_put((mask,), idx)
+            zq, idx = scatter_valid(zq, mask, 0.0), scatter_valid(idx, mask, -1)  # (B, N, H, cd), (B, N, H)
         zq = self.project_out(zq.reshape(*lead, self.heads * self.codebook_dim))
         if mask is not None:
-            fill = torch.zeros_like(x_last) if self.return_zeros_for_masked_padding else x_last
-            zq = torch.where(mask[..., None], zq, fill.to(zq.dtype))
+            zq = fill_padding(zq, x_last, mask, self.return_zeros_for_masked_padding)
         if self.heads == 1:
             idx = idx.squeeze(-1)
         out = QuantizerOutput(from_channel_last(zq.to(x.dtype), self.channel_last), idx, loss)  # x's dtype, as theirs
@@ -373,37 +284,10 @@ class VectorQuantizer(nn.Module):
         zero = torch.zeros((), device=x.device)
         return QuantizerOutputWithBreakdown(*out, LossBreakdown(commitment, zero, zero, zero))
 
-    def _init_codebooks(self, z: Tensor) -> None:
-        """k-means on the first training batch z (..., H, cd), one run per codebook."""
-        for state, rows in zip(self._codebook.states(), self._rows_per_book(z), strict=True):
-            self.updater.kmeans_init_(state, rows)
-        self._codebook.mark_initted()
-
-    def _update_codebooks(self, z: Tensor, idx: Tensor) -> None:
-        """EMA / revival / telemetry from the batch z (..., H, cd) and its indices (..., H)."""
-        codes = [c.reshape(-1) for c in self._rows_per_book(idx.unsqueeze(-1))]  # (M,) per book
-        books = zip(self._codebook.states(), self._rows_per_book(z), codes, strict=True)
-        self._codebook.record_usage_([self.updater.update_(state, rows, c) for state, rows, c in books])
-
-    def _rows_per_book(self, t: Tensor) -> list[Tensor]:
-        """Per codebook, its rows of ``t`` (..., H, C): (M, C), every head's rows for a shared book."""
-        if self.separate_codebook_per_head:
-            return [t[..., h, :].reshape(-1, t.shape[-1]) for h in range(self.heads)]
-        return [t.reshape(-1, t.shape[-1])]
-
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # fastvq checkpoints before the peer's keys held the codebook at the module level, with a
-        # (K, D) ``embed`` for one codebook: rename (and add the books axis) before loading.
-        for old, new in _OLD_KEYS.items():
-            if prefix + old in state_dict and prefix + new not in state_dict:
-                value = state_dict.pop(prefix + old)
-                if old in ("embed", "ema_sum") and value.dim() == 2:
-                    value = value.unsqueeze(0)
-                if old == "ema_count" and value.dim() == 1:
-                    value = value.unsqueeze(0)
-                state_dict[prefix + new] = value
+        remap_old_codebook_keys(state_dict, prefix)  # old fastvq checkpoints still load
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- decoding ---------------------------------------------------------------------------------
@@ -411,9 +295,7 @@ class VectorQuantizer(nn.Module):
     def _codes(self, indices: Tensor) -> Tensor:
         """(B, ..., heads * codebook_dim) codes of indices (the forward's index shape), channel-last."""
         check_indices(indices, self.codebook_size)
-        if self.heads > 1 and (indices.dim() == 0 or indices.shape[-1] != self.heads):
-            raise ValueError(f"indices must end in a heads axis of size {self.heads}, got shape {tuple(indices.shape)}")
-        idx = indices if self.heads > 1 else indices.unsqueeze(-1)  # (B, ..., H)
+        idx = with_heads_axis(indices, self.heads)  # (B, ..., H)
         return assignment.lookup(self._unit(self._codebook.embed), idx).flatten(-2)
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:

@@ -208,3 +208,28 @@ def test_ema_buffers_stay_fp32_without_rounding_under_casts(cast):
     assert torch.equal(module.cluster_size, before["cluster_size"])
     assert torch.equal(module.embed_avg, before["embed_avg"])
     assert module.perplexity.dtype != torch.float32  # the telemetry follows the cast like any buffer
+
+
+def test_initial_codes_choices():
+    from fastvq.quantizers.codebook import initial_codes
+
+    assert torch.equal(initial_codes((1, 4, 3), "kaiming_uniform", True, False), torch.zeros(1, 4, 3))
+    torch.manual_seed(0)
+    normal = initial_codes((2, 4, 3), "normal", True, True)  # normal is drawn even with kmeans_init
+    torch.testing.assert_close(normal.norm(dim=-1), torch.ones(2, 4))
+    codes = initial_codes((1, 8, 5), "kaiming_uniform", False, False)
+    assert codes.abs().max() <= math.sqrt(6 / (8 * 5))  # the peer's bound over (books, K, D)
+    with pytest.raises(ValueError, match="codebook_init"):
+        initial_codes((1, 4, 3), "uniform", False, False)
+
+
+def test_remap_old_codebook_keys_adds_books_axis():
+    from fastvq.quantizers.checkpoints import remap_old_codebook_keys
+
+    sd = {"q.embed": torch.zeros(4, 3), "q.ema_count": torch.zeros(4), "q.ema_sum": torch.zeros(4, 3),
+          "q.initted": torch.tensor(True), "q._codebook.embed": torch.ones(1, 4, 3)}
+    sd_embed_kept = dict(sd)
+    remap_old_codebook_keys(sd, "q.")
+    assert sd["q._codebook.cluster_size"].shape == (1, 4) and sd["q._codebook.embed_avg"].shape == (1, 4, 3)
+    assert torch.equal(sd["q._codebook.embed"], sd_embed_kept["q._codebook.embed"])  # a new key wins
+    assert "q.embed" in sd and "q.ema_count" not in sd
