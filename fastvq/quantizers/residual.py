@@ -294,6 +294,14 @@ class ResidualVQ(ResidualStack):
         self.shared_codebook = bool(shared_codebook)
         if shared_codebook:
             first = self.layers[0]
+            if first.ema_update or not first.learnable_codebook:
+                # The stages' defaults are the peer's EMA codebook; updated once per stage per step
+                # it would not be the peer's single update per step, so it is refused, not approximated.
+                raise NotImplementedError(
+                    "shared_codebook=True with an EMA-updated codebook (vector-quantize-pytorch's default) is "
+                    "not implemented in fastvq yet: pass ema_update=False, learnable_codebook=True for a "
+                    "gradient-trained shared codebook"
+                )
             for layer in self.layers[1:]:
                 layer._codebook = first._codebook  # one codebook (the peer's), registered under every stage
 

@@ -251,6 +251,14 @@ def test_bad_constructor_arguments(kwargs, match):
         ResidualVQ(**kwargs)
 
 
+def test_shared_codebook_with_the_default_ema_codebook_is_refused_not_approximated():
+    # The stages default to the peer's EMA codebook; a shared one would be updated once per stage.
+    with pytest.raises(NotImplementedError, match="shared_codebook=True with an EMA-updated codebook"):
+        ResidualVQ(4, 8, 2, shared_codebook=True)
+    with pytest.raises(NotImplementedError, match="shared_codebook"):
+        ResidualVQ(4, 8, 2, shared_codebook=True, ema_update=False)  # a frozen codebook: nothing trains it
+
+
 def test_bad_inputs():
     rvq = ResidualVQ(4, 8, 2, codebook_weight=1.0, **GRADIENT, backend="torch")
     with pytest.raises(ValueError, match=r"\(B, \.\.\., dim\) with dim = 4"):
