@@ -4,7 +4,7 @@ matrices built in fp64 from the paper's definition."""
 import pytest
 import torch
 
-from fastvq.quantizers.gradients import estimate, rotate_to, straight_through
+from fastvq.quantizers.gradients import directional_reparam, estimate, rotate_to, straight_through, sync_update
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -70,3 +70,88 @@ def test_estimate_dispatches():
     (rot,) = torch.autograd.grad(estimate(z, e, rotation_trick=True), z, g)
     assert torch.equal(st, g)
     torch.testing.assert_close(rot, _rotation_reference(z.detach(), e, g))
+
+
+# --- DiVeQ directional reparameterisation and the synchronous update rule ---------------------
+
+
+def _diveq_reference(z, e, noise, variance):
+    """Value z + unit(e - z + sqrt(v) n) ||e - z|| and the hand-derived gradients, fp64, per row.
+
+    With u the (constant) noised direction and w = (e - z) / ||e - z||: dz = g - w (u . g),
+    de = w (u . g)."""
+    z, e, noise = z.double(), e.double(), noise.double()
+    err = e - z
+    dist = err.norm(dim=-1, keepdim=True)
+    noised = err + variance**0.5 * noise
+    u = noised / noised.norm(dim=-1, keepdim=True)
+    w = err / dist
+
+    def grads(g):
+        ug = (u * g.double()).sum(-1, keepdim=True)
+        return g.double() - w * ug, w * ug
+
+    return z + u * dist, grads
+
+
+@pytest.mark.parametrize("variance", [5e-3, 0.7])
+def test_directional_reparam_value_and_gradients_against_the_reference(variance):
+    z = torch.randn(4, 9, 5, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(4, 9, 5, dtype=torch.float64, requires_grad=True)
+    out = directional_reparam(z, e, variance, generator=torch.Generator().manual_seed(7))
+    noise = torch.randn(4, 9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    value, grads = _diveq_reference(z.detach(), e.detach(), noise, variance)
+    torch.testing.assert_close(out, value)
+    g = torch.randn(4, 9, 5, dtype=torch.float64)
+    gz, ge = torch.autograd.grad(out, (z, e), g)
+    ref_gz, ref_ge = grads(g)
+    torch.testing.assert_close(gz, ref_gz)
+    torch.testing.assert_close(ge, ref_ge)
+    # ||out - z|| = ||e - z||: only the direction is noised
+    torch.testing.assert_close((out - z).norm(dim=-1), (e - z).norm(dim=-1))
+
+
+def test_directional_reparam_without_noise_is_the_code():
+    z = torch.randn(31, 3)
+    e = torch.randn(31, 3)
+    torch.testing.assert_close(directional_reparam(z, e, 0.0), e)
+    same = directional_reparam(e, e.clone(), 0.5)  # zero distance: z itself, no NaN
+    assert torch.equal(same, e)
+
+
+def test_directional_reparam_uses_the_global_rng_as_the_peer():
+    peer = pytest.importorskip("vector_quantize_pytorch.vector_quantize_pytorch")
+    z, e = torch.randn(2, 13, 6), torch.randn(2, 13, 6)
+    torch.manual_seed(3)
+    ours = directional_reparam(z, e, 5e-3)
+    torch.manual_seed(3)
+    torch.testing.assert_close(ours, peer.directional_reparam(z, e, 5e-3))
+
+
+def test_directional_reparam_errors():
+    z = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="variance must be a finite float >= 0"):
+        directional_reparam(z, z, -1e-3)
+    with pytest.raises(ValueError, match="z and e must have one shape"):
+        directional_reparam(z, torch.randn(3, 5), 0.1)
+    with pytest.raises(TypeError, match="e must"):
+        directional_reparam(z, [1.0], 0.1)
+
+
+@pytest.mark.parametrize("v", [0.0, 0.3, 1.0])
+def test_sync_update_keeps_the_value_and_scales_the_gradient(v):
+    z = torch.randn(5, 7, 3, requires_grad=True)
+    e = torch.randn(5, 7, 3)
+    q = straight_through(z, e)
+    out = sync_update(q, v)
+    assert torch.equal(out, e)
+    g = torch.randn(5, 7, 3)
+    (gz,) = torch.autograd.grad(out, z, g)
+    torch.testing.assert_close(gz, (1.0 + v) * g)
+
+
+def test_sync_update_rejects_v_outside_the_unit_interval():
+    q = torch.randn(3)
+    for v in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="v must be a float in"):
+            sync_update(q, v)
