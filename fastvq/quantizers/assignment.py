@@ -1,16 +1,21 @@
-"""Assignment: which code each vector gets (today the nearest one, through the fused op), and its
-inverse, the codes of given indices.
+"""Assignment: which code each vector gets, and its inverse, the codes of given indices.
 
-``nearest`` is one function so that other rules (stochastic sampling from a softmax over distances, Gumbel
-assignment) can be added beside it with the same signature and chosen by a quantizer option.
+Two rules. ``nearest``: the nearest code through the fused op (no N x K distance matrix, losses and
+straight-through gradient in the same pass). ``sampled``: vector-quantize-pytorch's stochastic
+sampling, a Gumbel-max draw from softmax(logits / temperature) over the peer's logits (minus the
+euclidean distance, or the cosine similarity), computed in row chunks by ``fastvq.quantizers.sampling``
+so that its memory stays bounded too; its losses come from ``code_losses``, the same terms the fused
+op computes.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastvq.functional import vector_quantize
+from fastvq.quantizers import sampling
 
 
 def nearest(
@@ -78,3 +83,63 @@ def peer_loss(loss: Tensor, commitment_weight: float, codebook_weight: float, on
     if one_term and codebook_weight:
         loss = loss - (codebook_weight * commitment).detach()  # value cw * mse, gradients unchanged
     return loss, commitment
+
+
+def sampled(
+    z: Tensor,
+    books: Tensor,
+    temperature: float,
+    *,
+    stochastic: bool,
+    straight_through: bool,
+    use_cosine_sim: bool,
+    topk: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Codes drawn for every head of ``z`` by vector-quantize-pytorch's ``gumbel_sample``.
+
+    Args:
+        z: (..., H, D) float. books: (1, K, D) shared or (H, K, D) per head, as for ``nearest``.
+        temperature: >= 0; 0 (or ``stochastic=False``) takes the best code by the peer's logits.
+        stochastic: add Gumbel noise (a draw from softmax(logits / temperature)).
+        straight_through: the codes' gradient is that of softmax(logits / temperature) @ books (the
+            peer's Gumbel straight-through); otherwise the codes are plain rows of ``books``.
+        use_cosine_sim: logits are cosine similarities (z and books already unit vectors).
+        topk: the ``topk`` best (noisy) codes per vector instead of one (no straight-through).
+
+    Returns:
+        e: (..., H, D) the codes (gradient to ``books`` where it requires grad), or (..., H, k, D) with
+        topk. idx: (..., H) int64, or (..., H, k).
+    """
+    heads, dim = z.shape[-2], z.shape[-1]
+    shared = books.shape[0] == 1
+    parts = [z.reshape(-1, dim)] if shared else [z[..., h, :].reshape(-1, dim) for h in range(heads)]
+    codes, indices = [], []
+    for book, rows in zip(books if not shared else books[:1], parts, strict=True):
+        idx = sampling.sample_codes(
+            rows.detach(), book.detach(), temperature, stochastic=stochastic, use_cosine_sim=use_cosine_sim, topk=topk
+        )
+        if straight_through and topk is None and temperature > 0:
+            e = sampling.gumbel_straight_through(rows, book, idx, temperature, use_cosine_sim)
+        else:
+            e = F.embedding(idx, book)
+        codes.append(e)
+        indices.append(idx)
+    tail = () if topk is None else (topk,)
+    if shared:
+        return codes[0].reshape(*z.shape[:-1], *tail, dim), indices[0].reshape(*z.shape[:-1], *tail)
+    lead = z.shape[:-2]
+    e = torch.stack([c.reshape(*lead, *tail, dim) for c in codes], dim=len(lead))
+    return e, torch.stack([i.reshape(*lead, *tail) for i in indices], dim=len(lead))
+
+
+def code_losses(z: Tensor, e: Tensor, commitment_weight: float, codebook_weight: float) -> Tensor:
+    """The fused op's two VQ-VAE terms for given codes: cw mse(z, sg(e)) + cbw mse(sg(z), e), 0-d.
+
+    Args:
+        z: (..., D) float. e: (..., D) its codes (gradient to the codebook through e, if any).
+    """
+    z32, e32 = z.float(), e.float()
+    loss = commitment_weight * F.mse_loss(z32, e32.detach()) if commitment_weight else z32.new_zeros(())
+    if codebook_weight:
+        loss = loss + codebook_weight * F.mse_loss(z32.detach(), e32)
+    return loss

@@ -120,11 +120,17 @@ def from_channel_last(out: Tensor, channel_last: bool) -> Tensor:
     return out if channel_last else out.movedim(-1, 1)
 
 
-def projections(dim: int, inner: int) -> tuple[nn.Module, nn.Module]:
-    """(project_in, project_out): Linear dim -> inner and inner -> dim, or two Identity if equal."""
+def projections(dim: int, inner: int, layernorm: bool = False) -> tuple[nn.Module, nn.Module]:
+    """(project_in, project_out): Linear dim -> inner and inner -> dim, or two Identity if equal.
+
+    ``layernorm``: project_in is Linear then LayerNorm(inner) (vector-quantize-pytorch's
+    ``layernorm_after_project_in``; state_dict keys ``project_in.0.*`` / ``project_in.1.*`` as the
+    peer's). It has no effect without a projection, as in the peer.
+    """
     if inner == dim:
         return nn.Identity(), nn.Identity()
-    return nn.Linear(dim, inner), nn.Linear(inner, dim)
+    project_in = nn.Sequential(nn.Linear(dim, inner), nn.LayerNorm(inner)) if layernorm else nn.Linear(dim, inner)
+    return project_in, nn.Linear(inner, dim)
 
 
 def common_input_dim(quantizers: Sequence[nn.Module], name: str) -> int:

@@ -1,8 +1,10 @@
-"""vector-quantize-pytorch keywords that fastvq accepts only at the peer's default value.
+"""vector-quantize-pytorch's keywords: the few fastvq accepts only at their default, and the option
+combinations the peer refuses.
 
 Drop-in use means every peer keyword must be accepted; an option fastvq does not implement is
 accepted at its default (where it changes nothing) and raises NotImplementedError otherwise, so a
-model never silently trains differently from the peer.
+model never silently trains differently from the peer. Combinations the peer refuses with an
+``assert`` are refused here with a ValueError that names them.
 """
 
 from __future__ import annotations
@@ -12,40 +14,53 @@ from typing import Any
 # Peer constructor keywords of VectorQuantize not implemented here, with the peer's defaults
 # (release 1.32; accepted at these values).
 UNSUPPORTED_OPTIONS: dict[str, Any] = {
-    "sync_kmeans": True,
-    "layernorm_after_project_in": False,
-    "commitment_use_cross_entropy_loss": False,
-    "orthogonal_reg_weight": 0.0,
-    "orthogonal_reg_active_codes_only": False,
-    "orthogonal_reg_max_codes": None,
-    "codebook_diversity_loss_weight": 0.0,
-    "codebook_diversity_temperature": 100.0,
-    "stochastic_sample_codes": False,
-    "sample_codebook_temp": 1.0,
-    "straight_through": False,
-    "directional_reparam": False,
-    "directional_reparam_variance": 5e-3,
-    "sync_codebook": None,
-    "sync_affine_param": False,
-    "vq_bridge": None,
-    "manual_ema_update": False,
-    "in_place_codebook_optimizer": None,
-    "manual_in_place_optimizer_update": False,
-    "affine_param": False,
-    "affine_param_batch_decay": 0.99,
-    "affine_param_codebook_decay": 0.9,
-    "sync_update_v": 0.0,
-    "route_gradients_to_input": True,
+    "sync_kmeans": True,  # False: k-means on each rank's own rows
+    "sync_affine_param": False,  # True: affine statistics summed over ranks
 }
 
 # VectorQuantize.forward keywords not implemented here, with the peer's defaults.
 UNSUPPORTED_FORWARD_OPTIONS: dict[str, Any] = {
-    "indices": None,
-    "topk": None,
-    "codebook_transform_fn": None,
-    "ema_update_weight": None,
-    "accum_ema_update": False,
+    "codebook_transform_fn": None,  # the implicit neural codebook (QINCo): per-row codebooks
 }
+
+
+def check_peer_combinations(
+    *,
+    straight_through: bool,
+    rotation_trick: bool,
+    directional_reparam: bool,
+    threshold_ema_dead_code: float,
+    learnable_codebook: bool,
+    sync_update_v: float,
+    vq_bridge: object,
+    ema_update: bool | None,
+    affine_param: bool,
+    use_cosine_sim: bool,
+) -> None:
+    """Refuse, as ValueError, the VectorQuantize option combinations the peer refuses (by assert).
+
+    Args: the resolved options (``rotation_trick`` and ``learnable_codebook`` after their defaults).
+
+    Raises:
+        ValueError: naming the options that conflict.
+    """
+    if sum(map(bool, (straight_through, rotation_trick, directional_reparam))) > 1:
+        raise ValueError(
+            "at most one of straight_through, rotation_trick and directional_reparam may be True (rotation_trick "
+            f"defaults to True for dim > 1), got {straight_through=}, {rotation_trick=}, {directional_reparam=}"
+        )
+    if directional_reparam and threshold_ema_dead_code == 0:
+        raise ValueError("directional_reparam=True needs dead-code revival: pass threshold_ema_dead_code > 0")
+    if straight_through and learnable_codebook:
+        raise ValueError("straight_through=True (Gumbel) cannot be combined with learnable_codebook=True")
+    if not 0.0 <= sync_update_v <= 1.0:
+        raise ValueError(f"sync_update_v must lie in [0, 1], got {sync_update_v}")
+    if sync_update_v > 0 and not learnable_codebook:
+        raise ValueError("sync_update_v > 0 needs learnable_codebook=True")
+    if vq_bridge is not None and (not learnable_codebook or ema_update):
+        raise ValueError("vq_bridge needs learnable_codebook=True and ema_update=False")
+    if affine_param and use_cosine_sim:
+        raise ValueError("affine_param=True works with euclidean codebooks only (use_cosine_sim=False)")
 
 
 def check_unsupported(where: str, given: dict[str, Any], defaults: dict[str, Any]) -> None:

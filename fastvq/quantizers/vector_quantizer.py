@@ -1,19 +1,23 @@
 """VectorQuantizer (alias VectorQuantize): vector-quantize-pytorch's VectorQuantize, drop-in.
 
 The same constructor and forward keywords, defaults, returns and state_dict keys as the peer's
-release 1.32 for the options implemented here; every other peer keyword is accepted at its
-default value and raises NotImplementedError (naming it) at any other value.
+release 1.32. The one peer keyword not implemented (forward ``codebook_transform_fn``, the implicit
+neural codebook) is accepted at its default and raises NotImplementedError otherwise.
 
-A composition of parts: layouts and masks (layout.py), assignment and the peer's loss
-(assignment.py: nearest code through the fused op), gradient estimators (gradients.py), the
-codebook's state, initial codes and updates (codebook.py: the ``_codebook`` submodule, EMA, k-means
-init, dead codes, DDP sync, telemetry), the peer's unimplemented keywords (peer_options.py), old
-checkpoint keys (checkpoints.py) and the result types (output.py). This file holds the options,
-the heads and projections, and the order the parts run in.
+A composition of parts: layouts and masks (layout.py); assignment (assignment.py: the nearest code
+through the fused op, or the peer's stochastic sampling in bounded-memory chunks, sampling.py);
+gradient estimators (gradients.py: straight-through, rotation trick, DiVeQ, the synchronous update);
+the codebook's state, initial codes and updates (codebook.py: the ``_codebook`` submodule, EMA,
+k-means init, dead codes, DDP sync, telemetry; affine.py: the peer's affine statistics); auxiliary
+losses (aux_losses.py: cross-entropy commitment, diversity, orthogonal regularisation); the in-place
+codebook optimizer (inplace.py); the peer's keyword checks (peer_options.py); old checkpoint keys
+(checkpoints.py) and result types (output.py). This file holds the options and the order the parts
+run in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,9 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastvq.checks import check_float_tensor, check_indices, check_weight, positive_int
-from fastvq.quantizers import assignment, codebook
+from fastvq.quantizers import affine, assignment, codebook
+from fastvq.quantizers.aux_losses import AuxiliaryLosses
 from fastvq.quantizers.checkpoints import remap_old_codebook_keys
-from fastvq.quantizers.gradients import rotate_to
+from fastvq.quantizers.gradients import directional_reparam as diveq_estimator
+from fastvq.quantizers.gradients import rotate_to, sync_update
+from fastvq.quantizers.inplace import inplace_codebook_loss_, optimizer_step_
 from fastvq.quantizers.layout import (
     fill_padding,
     fmap_to_channel_last,
@@ -37,6 +44,7 @@ from fastvq.quantizers.output import LossBreakdown, QuantizerOutput, QuantizerOu
 from fastvq.quantizers.peer_options import (
     UNSUPPORTED_FORWARD_OPTIONS,
     UNSUPPORTED_OPTIONS,
+    check_peer_combinations,
     check_unsupported,
     skips_ema_update,
 )
@@ -51,7 +59,7 @@ __all__ = [
 class VectorQuantizer(nn.Module):
     """Vector quantizer with vector-quantize-pytorch's VectorQuantize keywords and defaults.
 
-    Args (the peer's meaning and default unless said):
+    Args (the peer's meaning and default unless said; docs/quantizers.md has the long form):
         dim: feature size of the input.
         codebook_size: number of codes K.
         codebook_dim: size of each code (per head). Default ``dim``; when ``heads * codebook_dim``
@@ -63,7 +71,9 @@ class VectorQuantizer(nn.Module):
         freeze_codebook: no codebook update and no codebook gradient (also per forward). Default False.
         kmeans_init, kmeans_iters: the first training batch initialises the codebook by k-means
             (fastvq: k-means++ seeds, then ``kmeans_iters`` Lloyd steps; default 10).
+        sync_kmeans: k-means over all ranks' rows (default True; False is not implemented).
         use_cosine_sim: l2-normalise inputs and codes (cosine distances). Default False.
+        layernorm_after_project_in: LayerNorm after the input projection. Default False.
         threshold_ema_dead_code: codes whose usage EMA falls below this are replaced by rows of
             the batch (0 = never, the default).
         channel_last: features on the last axis (B, ..., dim); False: (B, dim, N). Default True;
@@ -71,11 +81,34 @@ class VectorQuantizer(nn.Module):
         accept_image_fmap, accept_3d_fmap: (B, dim, H, W) / (B, dim, D, H, W) input; indices
             drop the dim axis.
         commitment_weight: weight of the commitment loss mean((z - sg(e))^2). Default 1.0.
-        rotation_trick: gradients through the rotation trick (training). Default ``dim > 1``.
+        commitment_use_cross_entropy_loss: the commitment term is the cross-entropy of the logits
+            against the chosen codes. orthogonal_reg_weight, orthogonal_reg_active_codes_only,
+            orthogonal_reg_max_codes: orthogonal regularisation of the codes (Shin et al. 2021).
+            codebook_diversity_loss_weight, codebook_diversity_temperature: minus the entropy of the
+            batch's average code distribution. All off by default (``AuxiliaryLosses``).
+        stochastic_sample_codes, sample_codebook_temp, straight_through: in training, draw codes
+            from softmax(logits / temperature) (Gumbel-max; default off, temperature 1.0), with
+            the Gumbel-softmax straight-through gradient for the codes.
+        rotation_trick: gradients through the rotation trick (training). Default ``dim > 1``
+            (False with ``directional_reparam``).
+        directional_reparam, directional_reparam_variance: DiVeQ's estimator (a learnable
+            codebook trained through the output, no commitment loss; needs dead-code revival).
+        sync_codebook: sum codebook statistics over ranks. Default: when distributed.
         ema_update: codes as EMAs of their assigned rows. Default True (False with
-            ``learnable_codebook=True``). ``ema_update=False`` alone freezes the codebook, as in the peer.
-        learnable_codebook: codes trained by gradient. Default False.
+            ``learnable_codebook=True``, ``directional_reparam`` or ``vq_bridge``). ``ema_update=False``
+            alone freezes the codebook, as in the peer. manual_ema_update: only the statistics are
+            tracked; ``_codebook.update_ema()`` writes the codes.
+        vq_bridge: a module applied to the codes before the search (trained by gradient).
+        learnable_codebook: codes trained by gradient. Default False (True with
+            ``directional_reparam`` or ``vq_bridge``).
+        in_place_codebook_optimizer, manual_in_place_optimizer_update: a callable making an
+            optimizer over the codes, stepped inside each training forward on mse(e, sg(z)) (or by
+            ``update_in_place_optimizer()`` when manual).
+        affine_param, affine_param_batch_decay, affine_param_codebook_decay: codes shifted and scaled
+            to the running statistics of the batch (euclidean only; ``sync_affine_param`` not implemented).
+        sync_update_v: the synchronous update rule's v in [0, 1] (learnable codebook).
         return_zeros_for_masked_padding: masked positions output zeros (else the input). Default True.
+        route_gradients_to_input: apply the estimator (else the output is the codes themselves).
         codebook_weight (fastvq): weight of mean((sg(z) - e)^2) for a learnable codebook, a separate
             term of the loss (VQ-VAE uses 1.0). Default None: the peer's single term
             commitment_weight * mean((z - e)^2), with that weight on both gradients.
@@ -83,8 +116,6 @@ class VectorQuantizer(nn.Module):
             normal: codes start at the scale of typical encoder outputs).
         eval_loss (fastvq): compute the loss in eval mode too. Default False (the peer returns 0).
         backend (fastvq): "auto" | "triton" | "torch" (see fastvq.functional).
-        **peer_options: the peer's other keywords (``UNSUPPORTED_OPTIONS``), accepted at their
-            defaults only.
 
     Forward ``x`` -> ``(quantized, indices, loss)`` (a QuantizerOutput): quantized like x; indices
     int64; loss 0-d (0 in eval mode unless ``eval_loss``). Masked (``mask`` / ``lens``) positions
@@ -94,7 +125,8 @@ class VectorQuantizer(nn.Module):
     Telemetry of training forwards: ``perplexity``, ``codes_used_fraction``, ``dead_codes``.
 
     Raises:
-        ValueError: bad sizes or option combinations (in ``__init__``); input of the wrong shape.
+        ValueError: bad sizes or option combinations the peer refuses (in ``__init__``); input of
+            the wrong shape.
         NotImplementedError: a peer option not implemented, at a non-default value.
     """
 
@@ -112,15 +144,37 @@ class VectorQuantizer(nn.Module):
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         use_cosine_sim: bool = False,
+        layernorm_after_project_in: bool = False,
         threshold_ema_dead_code: float = 0,
         channel_last: bool | None = True,
         accept_image_fmap: bool = False,
         accept_3d_fmap: bool = False,
         commitment_weight: float = 1.0,
+        commitment_use_cross_entropy_loss: bool = False,
+        orthogonal_reg_weight: float = 0.0,
+        orthogonal_reg_active_codes_only: bool = False,
+        orthogonal_reg_max_codes: int | None = None,
+        codebook_diversity_loss_weight: float = 0.0,
+        codebook_diversity_temperature: float = 100.0,
+        stochastic_sample_codes: bool = False,
+        sample_codebook_temp: float = 1.0,
+        straight_through: bool = False,
         rotation_trick: bool | None = None,
+        directional_reparam: bool = False,
+        directional_reparam_variance: float = 5e-3,
+        sync_codebook: bool | None = None,
+        affine_param: bool = False,
+        affine_param_batch_decay: float = 0.99,
+        affine_param_codebook_decay: float = 0.9,
         ema_update: bool | None = None,
+        vq_bridge: nn.Module | None = None,
+        manual_ema_update: bool = False,
         learnable_codebook: bool | None = None,
+        in_place_codebook_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        manual_in_place_optimizer_update: bool = False,
+        sync_update_v: float = 0.0,
         return_zeros_for_masked_padding: bool = True,
+        route_gradients_to_input: bool = True,
         codebook_weight: float | None = None,
         codebook_init: str = "kaiming_uniform",
         eval_loss: bool = False,
@@ -135,6 +189,16 @@ class VectorQuantizer(nn.Module):
         self.codebook_dim = positive_int(dim if codebook_dim is None else codebook_dim, "codebook_dim")
         if accept_image_fmap and accept_3d_fmap:
             raise ValueError("accept_image_fmap and accept_3d_fmap cannot both be True")
+        if learnable_codebook is None:  # the peer's defaults: DiVeQ and a bridge train the codes by gradient
+            learnable_codebook = bool(directional_reparam or vq_bridge is not None)
+        if rotation_trick is None:
+            rotation_trick = not directional_reparam and dim > 1
+        check_peer_combinations(
+            straight_through=straight_through, rotation_trick=rotation_trick, directional_reparam=directional_reparam,
+            threshold_ema_dead_code=threshold_ema_dead_code, learnable_codebook=learnable_codebook,
+            sync_update_v=sync_update_v, vq_bridge=vq_bridge, ema_update=ema_update, affine_param=affine_param,
+            use_cosine_sim=use_cosine_sim,
+        )
         self.commitment_weight = check_weight(commitment_weight, "commitment_weight")
         # The peer's loss is ONE term, commitment_weight * mse(z, e), with gradients to z and (learnable)
         # to e: fastvq's two terms with equal weights give the same gradients, and count the value once.
@@ -144,7 +208,8 @@ class VectorQuantizer(nn.Module):
         )
         self.codebook_weight = check_weight(codebook_weight, "codebook_weight")
         self.updater = codebook.CodebookUpdater(
-            codebook_size, ema_update, decay, eps, threshold_ema_dead_code, kmeans_iters, use_cosine_sim, backend
+            codebook_size, ema_update, decay, eps, threshold_ema_dead_code, kmeans_iters, use_cosine_sim, backend,
+            manual_ema_update=manual_ema_update, sync=sync_codebook,
         )
         self.ema_update, self.learnable_codebook = ema_update, learnable_codebook
         self.decay, self.eps = float(decay), float(eps)
@@ -152,7 +217,17 @@ class VectorQuantizer(nn.Module):
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.threshold_ema_dead_code = float(threshold_ema_dead_code)
         self.use_cosine_sim = use_cosine_sim
-        self.rotation_trick = (dim > 1) if rotation_trick is None else bool(rotation_trick)
+        self.stochastic_sample_codes, self.straight_through = bool(stochastic_sample_codes), bool(straight_through)
+        self.sample_codebook_temp = check_weight(sample_codebook_temp, "sample_codebook_temp")
+        self.rotation_trick = bool(rotation_trick)
+        self.directional_reparam = bool(directional_reparam)
+        self.directional_reparam_variance = check_weight(directional_reparam_variance, "directional_reparam_variance")
+        self.sync_update_v = float(sync_update_v)
+        self.route_gradients_to_input = bool(route_gradients_to_input)
+        self.aux = AuxiliaryLosses(
+            commitment_use_cross_entropy_loss, codebook_diversity_loss_weight, codebook_diversity_temperature,
+            orthogonal_reg_weight, orthogonal_reg_active_codes_only, orthogonal_reg_max_codes,
+        )
         self.separate_codebook_per_head = separate_codebook_per_head
         self.accept_image_fmap, self.accept_3d_fmap = accept_image_fmap, accept_3d_fmap
         self.channel_last = channel_last is not False and not (accept_image_fmap or accept_3d_fmap)
@@ -160,10 +235,26 @@ class VectorQuantizer(nn.Module):
         self.eval_loss = eval_loss
         self.backend = backend
 
-        self.project_in, self.project_out = projections(dim, heads * self.codebook_dim)
-        shape = (heads if separate_codebook_per_head else 1, codebook_size, self.codebook_dim)
+        inner = heads * self.codebook_dim
+        self.project_in, self.project_out = projections(dim, inner, layernorm_after_project_in)
+        self.has_projections = inner != dim
+        books = heads if separate_codebook_per_head else 1
+        shape = (books, codebook_size, self.codebook_dim)
         init = codebook.initial_codes(shape, codebook_init, kmeans_init, use_cosine_sim)
-        self._codebook = codebook.Codebook(init, learnable=learnable_codebook, initted=not kmeans_init)
+        self._codebook = codebook.Codebook(
+            init, learnable=learnable_codebook or self.aux.needs_learnable_codes, initted=not kmeans_init,
+            updater=self.updater,
+        )
+        self.affine_param = bool(affine_param)
+        self._affine_decays = (affine_param_batch_decay, affine_param_codebook_decay)
+        if affine_param:
+            affine.register_affine_buffers(self._codebook, books, self.codebook_dim)
+        if vq_bridge is not None:
+            self._codebook.vq_bridge = vq_bridge  # the peer's key: _codebook.vq_bridge.*
+        self.in_place_codebook_optimizer = None
+        if in_place_codebook_optimizer is not None:
+            self.in_place_codebook_optimizer = in_place_codebook_optimizer(self._codebook.parameters())
+        self.manual_in_place_optimizer_update = bool(manual_in_place_optimizer_update)
 
     # -- codebook views ---------------------------------------------------------------------------
 
@@ -222,67 +313,259 @@ class VectorQuantizer(nn.Module):
         freeze_codebook: bool | None = None,
         return_loss_breakdown: bool = False,
         codebook_transform_fn: Any = None,
-        ema_update_weight: Any = None,
+        ema_update_weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None,
         accum_ema_update: bool = False,
         ema_update: bool | None = None,
-    ) -> QuantizerOutput | QuantizerOutputWithBreakdown:
+    ) -> QuantizerOutput | QuantizerOutputWithBreakdown | tuple[Tensor, Tensor]:
         """Quantize ``x``; see the class docstring for layouts and returns.
 
         ``mask`` (B, N) bool (True = keep) or ``lens`` (B,) lengths, for (B, N, dim) sequences;
+        ``sample_codebook_temp`` overrides the constructor's (stochastic sampling only);
         ``freeze_codebook`` overrides the constructor's for this call; ``ema_update=False`` skips
-        this call's EMA update (without dead-code revival); ``sample_codebook_temp`` has no effect
-        without stochastic sampling (as in the peer). ``indices``, ``topk``, ``codebook_transform_fn``,
-        ``ema_update_weight`` and ``accum_ema_update`` raise NotImplementedError at a non-default value.
+        this call's EMA update (without dead-code revival); ``ema_update_weight`` ((K,), (books, K)
+        or a callable of the batch's (embed_sum, cluster_size)) weights this call's EMA step per
+        code; ``accum_ema_update`` accumulates this call's statistics into the next update.
+        ``topk``: the topk best codes per vector, as the peer (heads=1; no codebook update):
+        quantized (..., k, dim), indices (..., k), and in eval mode a per-vector loss (..., k).
+        ``indices`` given: returns ``(quantized, cross_entropy)``, the peer's cross-entropy of the
+        logits against those codes (padding excluded). ``codebook_transform_fn`` raises
+        NotImplementedError at a non-default value.
         """
         where = f"{type(self).__name__}.forward"
-        given = {"indices": indices, "topk": topk, "codebook_transform_fn": codebook_transform_fn,
-                 "ema_update_weight": ema_update_weight, "accum_ema_update": accum_ema_update}
-        check_unsupported(where, given, UNSUPPORTED_FORWARD_OPTIONS)
+        check_unsupported(where, {"codebook_transform_fn": codebook_transform_fn}, UNSUPPORTED_FORWARD_OPTIONS)
         skip_ema = skips_ema_update(where, ema_update, self.ema_update, bool(self.threshold_ema_dead_code))
         check_float_tensor(x, "x", min_dim=2)
+        topk = self._check_topk(topk)
         fmap = self.accept_image_fmap or self.accept_3d_fmap
         mask = sequence_mask(x, mask, lens, self.channel_last, fmap)
         freeze = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
+        temperature = self.sample_codebook_temp if sample_codebook_temp is None else check_weight(
+            sample_codebook_temp, "sample_codebook_temp"
+        )
         x_last = fmap_to_channel_last(x, self.dim, self.channel_last, self.accept_image_fmap, self.accept_3d_fmap)
-        z = self.project_in(x_last)
-        lead = z.shape[:-1]
-        z = z.reshape(*lead, self.heads, self.codebook_dim)  # (B, ..., H, cd)
-        if self.use_cosine_sim:
-            z = F.normalize(z, dim=-1)
+        z = self._split_heads(self.project_in(x_last))  # (B, ..., H, cd)
         rows = z if mask is None else z[mask]  # (M, H, cd) with a mask: only the valid positions
         if self.training and not self._codebook._initted:
             codebook.kmeans_init_books_(self._codebook, self.updater, rows.detach())
+        if self.affine_param:
+            affine.update_affine_(
+                self._codebook, self._rows_per_book(rows.detach()), self._codebook.embed.detach(), self.training,
+                *self._affine_decays,
+            )
+        update = self.training and not freeze and not skip_ema and topk is None
+        books, weights = self._search_books(freeze, update)
+        if topk is not None:
+            return self._topk_forward(x, x_last, z, books, topk, temperature, mask)
 
-        books = self._codebook.embed
-        update = self.training and not freeze and not skip_ema
-        if update and self.updater.changes_codes:
-            # The op saves the codebook for backward; the codes updated in place below must not be that tensor.
-            books = books.clone()
-        codebook_weight = self.codebook_weight
-        if freeze:
-            books, codebook_weight = books.detach(), 0.0
-        weights = (self.commitment_weight, codebook_weight)
-        zq, idx, loss = assignment.nearest(rows, self._unit(books), *weights, self.backend)
-        if self.rotation_trick:  # zq already carries the fused op's straight-through gradient otherwise
-            zq = rotate_to(rows, zq)
+        zq, codes, idx, loss = self._assign(rows, books, weights, temperature)
+        inplace_loss = torch.zeros((), device=x.device)
+        if self.in_place_codebook_optimizer is not None and self.training and not freeze:
+            inplace_loss = inplace_codebook_loss_(self._codes_with_grad(codes, books, idx), rows)
+            if not self.manual_in_place_optimizer_update:
+                self.update_in_place_optimizer()
+            books, weights = self._search_books(freeze, update)
+            zq, codes, idx, loss = self._assign(rows, books, weights, temperature)  # with the moved codes
+        zq = self._estimate(rows, zq, codes, books, idx, x.requires_grad)
         if update:
-            codebook.update_books_(self._codebook, self.updater, rows.detach(), idx)
-        loss, commitment = assignment.peer_loss(loss, *weights, self._one_term)
-        if not (self.training or self.eval_loss):
-            loss = commitment = torch.zeros((), device=x.device)
+            ema_rows = rows.detach()
+            if self.affine_param:
+                ema_rows = affine.affine_rows(self._codebook, ema_rows, books_axis=-2)
+            codebook.update_books_(
+                self._codebook, self.updater, ema_rows, idx, weight=ema_update_weight, accumulate=accum_ema_update
+            )
+        loss, breakdown = self._losses(z, rows, books, idx, loss, weights, inplace_loss)
 
         if mask is not None:
             zq, idx = scatter_valid(zq, mask, 0.0), scatter_valid(idx, mask, -1)  # (B, N, H, cd), (B, N, H)
-        zq = self.project_out(zq.reshape(*lead, self.heads * self.codebook_dim))
+        zq = self.project_out(zq.reshape(*z.shape[:-2], self.heads * self.codebook_dim))
         if mask is not None:
             zq = fill_padding(zq, x_last, mask, self.return_zeros_for_masked_padding)
         if self.heads == 1:
             idx = idx.squeeze(-1)
-        out = QuantizerOutput(from_channel_last(zq.to(x.dtype), self.channel_last), idx, loss)  # x's dtype, as theirs
-        if not return_loss_breakdown:
-            return out
-        zero = torch.zeros((), device=x.device)
-        return QuantizerOutputWithBreakdown(*out, LossBreakdown(commitment, zero, zero, zero))
+        quantized = from_channel_last(zq.to(x.dtype), self.channel_last)  # x's dtype, as theirs
+        if indices is not None:
+            return quantized, self._cross_entropy_to(indices, rows, books, mask)
+        out = QuantizerOutput(quantized, idx, loss)
+        return QuantizerOutputWithBreakdown(*out, breakdown) if return_loss_breakdown else out
+
+    def _split_heads(self, z: Tensor) -> Tensor:
+        """(B, ..., H * cd) -> (B, ..., H, cd), unit vectors with use_cosine_sim."""
+        z = z.reshape(*z.shape[:-1], self.heads, self.codebook_dim)
+        return F.normalize(z, dim=-1) if self.use_cosine_sim else z
+
+    def _rows_per_book(self, rows: Tensor) -> Tensor:
+        """(books, M', cd) rows of (..., H, cd) per codebook (every head's rows for a shared one)."""
+        return torch.stack(codebook.rows_per_book(rows, self._codebook.embed.shape[0]))
+
+    def _search_books(self, freeze: bool, update: bool) -> tuple[Tensor, tuple[float, float]]:
+        """The codes the search sees, (books, K, cd), and this forward's (commitment, codebook) weights."""
+        books = self._codebook.embed
+        if not self.learnable_codebook or freeze:
+            books = books.detach()
+        if self.training and (update and self.updater.changes_codes or self.updater.manual_ema_update):
+            # The op saves the codebook for backward; the codes updated in place later (by this forward,
+            # or by a residual stack's update_ema after its stages) must not be that tensor.
+            books = books.clone()
+        if self.vq_bridge is not None:
+            books = self.vq_bridge(books)
+        if self.affine_param:
+            books = affine.affine_codes(self._codebook, books)
+        commitment_weight, codebook_weight = self.commitment_weight, (0.0 if freeze else self.codebook_weight)
+        if self.directional_reparam or self.aux.commitment_use_cross_entropy_loss:
+            commitment_weight = codebook_weight = 0.0  # DiVeQ has no commitment term; the CE replaces it
+        return self._unit(books), (commitment_weight, codebook_weight)
+
+    @property
+    def vq_bridge(self) -> nn.Module | None:
+        """The peer's ``vq_bridge`` module (registered on ``_codebook``), or None."""
+        return getattr(self._codebook, "vq_bridge", None)
+
+    def _assign(
+        self, rows: Tensor, books: Tensor, weights: tuple[float, float], temperature: float
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """(zq, codes, idx, weighted loss): the fused nearest-code op, or the peer's sampling in training.
+
+        zq carries the straight-through gradient to ``rows``; ``codes`` is the sampled codes with
+        their own gradient (None on the fused path, where ``_codes_with_grad`` looks them up).
+        """
+        if self.training and temperature > 0 and (self.stochastic_sample_codes or self.straight_through):
+            codes, idx = assignment.sampled(
+                rows, books, temperature, stochastic=self.stochastic_sample_codes,
+                straight_through=self.straight_through, use_cosine_sim=self.use_cosine_sim,
+            )
+            zq = codes.detach() + (rows - rows.detach()).to(codes.dtype)  # the peer's straight_through(x, q)
+            return zq, codes, idx, assignment.code_losses(rows, codes, *weights)
+        zq, idx, loss = assignment.nearest(rows, books, *weights, self.backend)
+        return zq, None, idx, loss
+
+    @staticmethod
+    def _codes_with_grad(codes: Tensor | None, books: Tensor, idx: Tensor) -> Tensor:
+        """The assigned codes with their gradient path to the codebook (a lookup on the fused path)."""
+        return assignment.lookup(books, idx) if codes is None else codes
+
+    def _estimate(
+        self, rows: Tensor, zq: Tensor, codes: Tensor | None, books: Tensor, idx: Tensor, input_requires_grad: bool
+    ) -> Tensor:
+        """The output's gradient estimator, as the peer's training branch (identity in eval mode)."""
+        if not self.training:
+            return zq
+        if not (input_requires_grad and self.route_gradients_to_input):
+            out = self._codes_with_grad(codes, books, idx)  # the codes themselves (their own gradients only)
+        elif self.rotation_trick:
+            out = rotate_to(rows, zq)
+        elif self.directional_reparam:
+            out = diveq_estimator(rows, self._codes_with_grad(codes, books, idx), self.directional_reparam_variance)
+        else:
+            out = zq
+        return sync_update(out, self.sync_update_v) if self.sync_update_v > 0 else out
+
+    def _losses(
+        self, z: Tensor, rows: Tensor, books: Tensor, idx: Tensor, loss: Tensor, weights: tuple[float, float],
+        inplace_loss: Tensor,
+    ) -> tuple[Tensor, LossBreakdown]:
+        """(total loss, the peer's breakdown): commitment (squared error or cross-entropy) and the
+        auxiliary terms, in training (and in eval mode with ``eval_loss``)."""
+        zero = torch.zeros((), device=z.device)
+        if not (self.training or self.eval_loss):
+            return zero, LossBreakdown(zero, zero, zero, inplace_loss)
+        loss, commitment = assignment.peer_loss(loss, *weights, self._one_term)
+        diversity = orthogonal = zero
+        if self.aux.commitment_use_cross_entropy_loss and self.commitment_weight > 0:
+            commitment = self.aux.cross_entropy_commitment(rows, books, idx, self.use_cosine_sim)
+            loss = loss + self.commitment_weight * commitment
+        if self.aux.codebook_diversity_loss_weight > 0:
+            positions = z.reshape(z.shape[0], -1, *z.shape[-2:])  # (B, N, H, cd): the peer averages per position
+            diversity = self.aux.diversity(positions, books, self.use_cosine_sim)
+            loss = loss + self.aux.codebook_diversity_loss_weight * diversity
+        if self.aux.orthogonal_reg_weight > 0:
+            orthogonal = self.aux.orthogonal(self._codebook.embed, idx)
+            loss = loss + self.aux.orthogonal_reg_weight * orthogonal
+        return loss, LossBreakdown(commitment, diversity, orthogonal, inplace_loss)
+
+    def _cross_entropy_to(self, indices: Tensor, rows: Tensor, books: Tensor, mask: Tensor | None) -> Tensor:
+        """The peer's ``forward(x, indices=...)`` loss: cross-entropy of the logits against ``indices``."""
+        check_indices(indices, self.codebook_size, low=-1)
+        target = with_heads_axis(indices, self.heads)
+        target = target.reshape(*rows.shape[:-1]) if mask is None else target[mask]
+        return self.aux.cross_entropy_commitment(rows, books, target.long(), self.use_cosine_sim)
+
+    def _check_topk(self, topk: int | None) -> int | None:
+        """``topk`` clipped to K, as the peer; ValueError where the peer refuses it."""
+        if topk is None:
+            return None
+        topk = min(positive_int(topk, "topk"), self.codebook_size)
+        if self.heads != 1 or (self.training and (
+            self.aux.commitment_use_cross_entropy_loss or self.in_place_codebook_optimizer is not None
+        )):
+            raise ValueError(
+                "topk is supported for heads=1, without cross-entropy commitment or in-place optimizer in training"
+            )
+        return topk
+
+    def _topk_forward(
+        self, x: Tensor, x_last: Tensor, z: Tensor, books: Tensor, topk: int, temperature: float, mask: Tensor | None
+    ) -> QuantizerOutput:
+        """The peer's topk branch: the k best codes per vector, no codebook update.
+
+        Returns quantized (B, ..., k, dim) in x's layout with the k axis before the features, indices
+        (B, ..., k), and loss (B, ..., k): the per-vector weighted squared error (0 at masked positions).
+        """
+        stochastic = self.training and self.stochastic_sample_codes
+        codes, idx = assignment.sampled(
+            z, books, temperature, stochastic=stochastic, straight_through=False,
+            use_cosine_sim=self.use_cosine_sim, topk=topk,
+        )  # (B, ..., 1, k, cd), (B, ..., 1, k)
+        codes, idx = codes.squeeze(-3), idx.squeeze(-2)
+        rows = z.expand(*z.shape[:-2], topk, z.shape[-1])  # (B, ..., k, cd)
+        per_vector = (rows - codes).pow(2).mean(-1)  # (B, ..., k)
+        if mask is not None:
+            per_vector = per_vector * mask.reshape(*mask.shape, *([1] * (per_vector.dim() - mask.dim())))
+            idx = idx.masked_fill(~mask.reshape(*mask.shape, *([1] * (idx.dim() - mask.dim()))), -1)
+        if self.training:
+            codes = rotate_to(rows, codes) if self.rotation_trick else codes.detach() + (rows - rows.detach())
+        loss = self.commitment_weight * per_vector
+        out = self.project_out(codes)  # (B, ..., k, dim)
+        if mask is not None:
+            fill = torch.zeros_like(x_last) if self.return_zeros_for_masked_padding else x_last
+            out = torch.where(mask[..., None, None], out, fill.unsqueeze(-2).to(out.dtype))
+        if not self.channel_last:
+            out = out.movedim(-1, 1)
+        return QuantizerOutput(out.to(x.dtype), idx, loss)
+
+    # -- the peer's manual controls -----------------------------------------------------------------
+
+    def update_in_place_optimizer(self) -> None:
+        """Step the in-place codebook optimizer on the gradients accumulated so far (ranks averaged)."""
+        if self.in_place_codebook_optimizer is not None:
+            optimizer_step_(self.in_place_codebook_optimizer, self._codebook.parameters())
+
+    def expire_codes_(self, x: Tensor) -> None:
+        """Dead-code revival from rows ``x`` (..., heads * codebook_dim) already in the code space
+        (training only, as the peer's; a no-op without ``threshold_ema_dead_code``)."""
+        if self.training:
+            codebook.expire_codes_(self._codebook, self.updater, self._split_heads(x.detach()))
+
+    @torch.no_grad()
+    def update_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
+        """Update the codebook (EMA statistics, codes, revival) from ``x`` and GIVEN ``indices``, as
+        the peer's ``update_indices`` (used after a beam search): x in the forward's layout, indices
+        as the forward returns them. Positions with index -1 or masked out are not counted (the peer
+        counts -1 as code 0 without a mask)."""
+        check_float_tensor(x, "x", min_dim=2)
+        fmap = self.accept_image_fmap or self.accept_3d_fmap
+        mask = sequence_mask(x, mask, None, self.channel_last, fmap)
+        x_last = fmap_to_channel_last(x, self.dim, self.channel_last, self.accept_image_fmap, self.accept_3d_fmap)
+        z = self._split_heads(self.project_in(x_last))
+        idx = with_heads_axis(check_indices(indices, self.codebook_size, low=-1), self.heads).long()
+        if mask is not None:
+            idx = idx.masked_fill(~mask[..., None], -1)
+        keep = (idx >= 0).all(-1)
+        rows, idx = z[keep], idx[keep]
+        if self.affine_param:
+            rows = affine.affine_rows(self._codebook, rows, books_axis=-2)
+        codebook.update_books_(self._codebook, self.updater, rows, idx)
+
+    update_ema_indices = update_indices  # the peer's older name
 
     # -- checkpoints ------------------------------------------------------------------------------
 

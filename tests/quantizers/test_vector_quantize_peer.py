@@ -54,19 +54,33 @@ def test_alias_and_defaults():
 
 
 def test_unimplemented_peer_keywords_raise_naming_them():
-    with pytest.raises(NotImplementedError, match="stochastic_sample_codes"):
-        VectorQuantize(dim=4, codebook_size=8, stochastic_sample_codes=True)
-    with pytest.raises(NotImplementedError, match="orthogonal_reg_weight"):
-        VectorQuantize(dim=4, codebook_size=8, orthogonal_reg_weight=0.1)
-    VectorQuantize(dim=4, codebook_size=8, stochastic_sample_codes=False, sync_codebook=None)  # defaults pass
+    with pytest.raises(NotImplementedError, match="sync_kmeans"):
+        VectorQuantize(dim=4, codebook_size=8, sync_kmeans=False)
+    with pytest.raises(NotImplementedError, match="sync_affine_param"):
+        VectorQuantize(dim=4, codebook_size=8, sync_affine_param=True)
+    VectorQuantize(dim=4, codebook_size=8, sync_kmeans=True, sync_affine_param=False)  # defaults pass
     with pytest.raises(TypeError, match="not_a_keyword"):
         VectorQuantize(dim=4, codebook_size=8, not_a_keyword=1)
     vq = VectorQuantize(dim=4, codebook_size=8)
-    z = torch.randn(2, 3, 4)
-    for name, value in [("indices", torch.zeros(2, 3, dtype=torch.long)), ("topk", 2), ("accum_ema_update", True),
-                        ("ema_update_weight", torch.ones(1, 8)), ("codebook_transform_fn", lambda e: e)]:
-        with pytest.raises(NotImplementedError, match=name):
-            vq(z, **{name: value})
+    with pytest.raises(NotImplementedError, match="codebook_transform_fn"):
+        vq(torch.randn(2, 3, 4), codebook_transform_fn=lambda e: e)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(straight_through=True), "at most one of"),  # rotation_trick defaults to True
+        (dict(directional_reparam=True), "threshold_ema_dead_code"),
+        (dict(straight_through=True, rotation_trick=False, learnable_codebook=True), "straight_through"),
+        (dict(sync_update_v=0.5), "learnable_codebook"),
+        (dict(sync_update_v=1.5, learnable_codebook=True), r"\[0, 1\]"),
+        (dict(vq_bridge=torch.nn.Identity(), learnable_codebook=False), "vq_bridge"),
+        (dict(affine_param=True, use_cosine_sim=True), "euclidean"),
+    ],
+)
+def test_combinations_the_peer_refuses_are_value_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VectorQuantize(dim=4, codebook_size=8, **kwargs)
 
 
 def test_mask_excludes_rows_from_loss_and_ema_and_fills_outputs():
