@@ -77,7 +77,8 @@ class GroupedQuantizer(nn.Module):
         flat = x if x.dim() <= 3 else x.flatten(1, -2)
         outs = [group(part, **kwargs) for group, part in zip(self.groups, flat.split(self.group_dim, -1), strict=True)]
         # (quantized, indices[, loss]): FSQ returns no loss
-        losses = torch.stack([out[2] if len(out) > 2 else flat.new_zeros(()) for out in outs])  # (G,)
+        # A residual group returns per-stage losses (Q,): its loss is their sum.
+        losses = torch.stack([out[2].sum() if len(out) > 2 else flat.new_zeros(()) for out in outs])  # (G,)
         with torch.no_grad():
             self.last_losses.copy_(losses.detach())
         quantized = torch.cat([out[0] for out in outs], dim=-1).reshape(x.shape)  # (B, ..., dim)

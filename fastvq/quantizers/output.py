@@ -31,3 +31,20 @@ class QuantizerOutputWithBreakdown(NamedTuple):
     indices: Tensor
     loss: Tensor
     loss_breakdown: LossBreakdown
+
+
+class ResidualVQOutput(NamedTuple):
+    """What a residual stack returns: vector-quantize-pytorch's ResidualVQ tuple."""
+
+    quantized: Tensor  # same shape and layout as the input: the sum of the stages' codes
+    indices: Tensor  # int64 (..., Q): the input's shape without the feature axis, plus a stage axis (-1: dropped)
+    losses: Tensor  # (Q,) each stage's loss, already weighted (0 for dropped stages and, as the peer's, in eval)
+
+
+class ResidualVQOutputWithCodes(NamedTuple):
+    """What ``forward(..., return_all_codes=True)`` returns: the peer's four values."""
+
+    quantized: Tensor
+    indices: Tensor
+    losses: Tensor
+    all_codes: Tensor  # (Q, B, ..., codebook_dim): each stage's code before project_out, 0 for dropped stages

@@ -1,28 +1,41 @@
 """Residual quantization (SoundStream, Zeghidour et al. 2021, Algorithm 1): a generic stack of any
-quantizers (``ResidualStack``) and ResidualVQ, the stack of ``fastvq.VectorQuantizer`` stages.
+quantizers (``ResidualStack``) and ResidualVQ, vector-quantize-pytorch's ResidualVQ, drop-in.
 
 Stage 0 quantizes the input, stage q quantizes what the stages before it left over, and the output
 is the sum of the stages' codes:
 
-    r_0 = x;   e_q = Q_q(r_q);   r_{q+1} = r_q - sg(e_q);   quantized = sum_q e_q
+    r_0 = x;   e_q = Q_q(r_q);   r_{q+1} = r_q - (f e_q + (1 - f) sg(e_q));   quantized = sum_q e_q
 
-Gradients. Each stage's loss sees its own residual r_q, which depends on x with Jacobian I (the
-earlier codes are detached), so every stage's commitment term reaches the encoder. The output
-carries ONE straight-through estimator for the whole sum: d quantized / d x = I, as for a single
-VectorQuantizer and in SoundStream / EnCodec (or, with ``rotation_trick=True``, one rotation-trick
-estimator from x to the sum). vector-quantize-pytorch, whose residual is also detached, sums the
-stages' straight-through outputs, so its gradient to x is (number of active stages) x I.
+with f = ``quant_grad_frac`` (default 0: the residual is detached from the earlier codes).
+
+Gradients to the input (``stack_estimator``):
+
+* None (default, the peer's): every stage's output keeps the estimator its stage gives it (a
+  VectorQuantizer stage's rotation trick, on by default for codebook_dim > 1, or straight-through;
+  FSQ / LFQ stages their own straight-through rounding / sign) and the stack sums them. With f = 0
+  each r_q has Jacobian I to x, so d quantized / d x is the sum of the active stages' estimators
+  (Q x I when all are straight-through).
+* "straight_through" / "rotation_trick" (fastvq): the stage outputs are detached and ONE estimator
+  carries x to the sum of the codes (d quantized / d x = I for straight-through, as one
+  VectorQuantizer and SoundStream / EnCodec). The stages' losses still see their own residuals.
+
+Each stage's loss sees its own residual r_q, so every stage's commitment term reaches the input.
 
 Quantize dropout (SoundStream's bitrate scalability): in training, each forward keeps stages
-0..j and drops the rest, j drawn uniformly from [quantize_dropout_cutoff_index, num_quantizers - 1]
-(one draw per batch, from ``generator`` or torch's global CPU generator, so it is reproducible
-under a seed). Dropped stages do not run, contribute nothing to quantized or loss, and get index -1.
+0..j and drops the rest, j drawn uniformly from [quantize_dropout_cutoff_index, Q - 1] and then
+rounded as the peer's ``round_up_multiple(j + 1, quantize_dropout_multiple_of) - 1``. The draw
+is Python's ``random.Random(seed).randrange`` when a seed is given (the peer's draw, so both pick
+the same stages), else one draw from ``generator`` / torch's global CPU generator, broadcast from
+rank 0 under torch.distributed. Dropped stages do not run and get index -1 and loss 0.
 In eval mode every stage runs.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,45 +43,65 @@ from torch import Tensor, nn
 
 from fastvq.checks import check_float_tensor, check_indices, int_at_least, nonnegative_int, positive_int
 from fastvq.distributed import broadcast_, is_distributed
+from fastvq.quantizers import codebook
 from fastvq.quantizers.gradients import estimate
 from fastvq.quantizers.layout import (
     common_input_dim,
+    fill_padding,
     from_channel_last,
     projections,
     resolve_channel_last,
+    sequence_mask,
     to_channel_last,
 )
-from fastvq.quantizers.output import QuantizerOutput
+from fastvq.quantizers.output import ResidualVQOutput, ResidualVQOutputWithCodes
 from fastvq.quantizers.vector_quantizer import VectorQuantizer
 
-# VectorQuantizer options whose state or updates belong to one stage: with one codebook shared by
-# all stages they would update it once per stage per step (EMA statistics, k-means initialisation,
-# dead-code revival), which the shared mode does not implement.
-_PER_STAGE_CODEBOOK_UPDATES = {
-    "ema_update": lambda v: bool(v),
-    "learnable_codebook": lambda v: v is False,
-    "kmeans_init": lambda v: bool(v),
-    "threshold_ema_dead_code": lambda v: v > 0,
-}
+STACK_ESTIMATORS = (None, "straight_through", "rotation_trick")
+
+# The peer's DiVeQ noise on the direction of the error (its directional_reparam default).
+_DIVEQ_VARIANCE = 5e-3
 
 
-def draw_active_stages(num_stages: int, cutoff_index: int, generator: torch.Generator | None) -> int:
-    """How many leading stages run this batch: 1 + j, j uniform in [cutoff_index, num_stages - 1].
+def draw_active_stages(
+    num_stages: int,
+    cutoff_index: int,
+    generator: torch.Generator | None = None,
+    multiple_of: int = 1,
+    seed: int | None = None,
+) -> int:
+    """How many leading stages run this batch: 1 + j, j uniform in [cutoff_index, num_stages - 1],
+    rounded up so that j + 1 is a multiple of ``multiple_of`` (at most ``num_stages``).
 
-    One CPU draw (no device synchronisation), reproducible under a seed. Under torch.distributed
-    rank 0's draw is broadcast: each stage's training forward may be a collective (EMA / usage
-    all-reduce), so ranks that ran different stages would hang or mix the stages' statistics.
+    With ``seed`` the draw is ``random.Random(seed).randrange(cutoff_index, num_stages)``, the
+    peer's, so a fixed seed picks the same stages in both. Otherwise one CPU draw from
+    ``generator`` (no device synchronisation), under torch.distributed rank 0's draw broadcast:
+    each stage's training forward may be a collective (EMA / usage all-reduce), so ranks that ran
+    different stages would hang or mix the stages' statistics.
     """
-    last = torch.randint(cutoff_index, num_stages, (1,), generator=generator)
-    if is_distributed():
-        # gloo takes the CPU tensor; NCCL needs it on the rank's device.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        last = broadcast_(last.to(device)).cpu()
-    return int(last) + 1
+    if seed is not None:
+        last = random.Random(seed).randrange(cutoff_index, num_stages)
+    else:
+        drawn = torch.randint(cutoff_index, num_stages, (1,), generator=generator)
+        if is_distributed():
+            # gloo takes the CPU tensor; NCCL needs it on the rank's device.
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            drawn = broadcast_(drawn.to(device)).cpu()
+        last = int(drawn)
+    if multiple_of != 1:
+        last = math.ceil((last + 1) / multiple_of) * multiple_of - 1
+    return min(last + 1, num_stages)
+
+
+def frac_gradient(e: Tensor, frac: float) -> Tensor:
+    """e's value with a fraction ``frac`` of its gradient: f e + (1 - f) sg(e) (sg(e) for f <= 0)."""
+    if frac <= 0:
+        return e.detach()
+    return frac * e + (1.0 - frac) * e.detach()
 
 
 class ResidualStack(nn.Module):
-    """Residual quantization over any stages that return ``QuantizerOutput`` (module docstring).
+    """Residual quantization over any stages (module docstring).
 
     Args:
         layers: the stages Q_0 .. Q_{Q-1} (at least one): channel-last quantizers (VectorQuantizer,
@@ -78,17 +111,20 @@ class ResidualStack(nn.Module):
             ``codebook_size`` and ``get_output_from_indices``. Registered as ``layers``.
         dim: feature size of the input. Default: the stages' ``dim``; any other value adds
             ``project_in`` / ``project_out`` (Linear) around the whole stack.
-        quantize_dropout, quantize_dropout_cutoff_index: module docstring; the cutoff lies in
-            [0, Q - 1] (at least ``cutoff + 1`` stages always run). Default False, 0.
-        rotation_trick: the output's gradient by the rotation trick instead of straight-through.
+        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of: module
+            docstring; the cutoff lies in [0, Q - 1]. Default False, 0, 1. Off when Q = 1 (the peer's).
+        quant_grad_frac: f in [0, 1], the fraction of each code's gradient the next residual
+            carries (the peer's frac_gradient). Default 0.
+        stack_estimator: None (each stage's own estimator, summed; the peer's), "straight_through"
+            or "rotation_trick" (one estimator for the whole sum; stage outputs detached).
         channel_last, accept_image_fmap: input layouts, as VectorQuantizer. The stack converts once
             and runs its stages channel-last.
+        return_zeros_for_masked_padding: with a ``mask``, padded positions output 0 (else the input).
 
     Input ``z``: (B, ..., dim) float, or (B, dim, ...) when features are not last.
-    Output: ``QuantizerOutput(quantized, indices, loss)``: quantized has z's shape; indices int64
+    Output: ``ResidualVQOutput(quantized, indices, losses)``: quantized has z's shape; indices int64
     (..., Q), z's shape minus the feature axis plus a trailing stage axis (-1 for dropped stages);
-    loss 0-d, the sum of the active stages' losses. ``last_losses`` (Q,) holds the per-stage losses
-    of the last forward, detached (0 for dropped stages).
+    losses (Q,) the stages' losses (0 for dropped stages). ``last_losses`` (Q,) holds them detached.
 
     Raises:
         ValueError: no stages, stages of different sizes, bad options (in ``__init__``); input of the
@@ -102,9 +138,12 @@ class ResidualStack(nn.Module):
         *,
         quantize_dropout: bool = False,
         quantize_dropout_cutoff_index: int = 0,
-        rotation_trick: bool = False,
+        quantize_dropout_multiple_of: int = 1,
+        quant_grad_frac: float = 0.0,
+        stack_estimator: str | None = None,
         channel_last: bool | None = None,
         accept_image_fmap: bool = False,
+        return_zeros_for_masked_padding: bool = True,
     ) -> None:
         super().__init__()
         layers = list(layers)
@@ -116,89 +155,201 @@ class ResidualStack(nn.Module):
                 f"quantize_dropout_cutoff_index must be < num_quantizers = {len(layers)}, "
                 f"got {quantize_dropout_cutoff_index}"
             )
+        if stack_estimator not in STACK_ESTIMATORS:
+            raise ValueError(f"stack_estimator must be one of {STACK_ESTIMATORS}, got {stack_estimator!r}")
+        if isinstance(quant_grad_frac, bool) or not isinstance(quant_grad_frac, (int, float)) or not (
+            0 <= quant_grad_frac <= 1
+        ):
+            raise ValueError(f"quant_grad_frac must be a float in [0, 1], got {quant_grad_frac!r}")
+        if stack_estimator is not None and quant_grad_frac > 0:
+            # The stage outputs are detached under one stack estimator: no code gradient to share.
+            raise ValueError(f"quant_grad_frac > 0 needs stack_estimator=None, got {stack_estimator!r}")
         self.dim = dim
         self.codebook_dim = codebook_dim
         self.num_quantizers = len(layers)
-        self.quantize_dropout = bool(quantize_dropout)
+        self.quantize_dropout = bool(quantize_dropout) and len(layers) > 1
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
-        self.rotation_trick = bool(rotation_trick)
+        self.quantize_dropout_multiple_of = positive_int(quantize_dropout_multiple_of, "quantize_dropout_multiple_of")
+        self.quant_grad_frac = float(quant_grad_frac)
+        self.stack_estimator = stack_estimator
         self.accept_image_fmap = accept_image_fmap
         self.channel_last = resolve_channel_last(channel_last, accept_image_fmap)
+        self.return_zeros_for_masked_padding = bool(return_zeros_for_masked_padding)
 
         self.project_in, self.project_out = projections(dim, codebook_dim)
+        self.has_projections = dim != codebook_dim
         self.layers = nn.ModuleList(layers)
         self.register_buffer("last_losses", torch.zeros(len(layers)), persistent=False)
 
     @property
-    def codebooks(self) -> Tensor:
-        """(num_quantizers, K, codebook_dim): each stage's ``codebook`` (equal sizes needed), in the
-        residual space."""
-        return torch.stack([layer.codebook for layer in self.layers])
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """Each stage's number of codes."""
+        return tuple(layer.codebook_size for layer in self.layers)
 
-    def forward(self, z: Tensor, *, generator: torch.Generator | None = None) -> QuantizerOutput:
+    @property
+    def codebooks(self) -> Tensor | tuple[Tensor, ...]:
+        """(Q, K, codebook_dim): each stage's ``codebook`` in the residual space; a tuple of (K_q,
+        codebook_dim) when the stages' sizes differ (the peer's)."""
+        books = tuple(layer.codebook for layer in self.layers)
+        return torch.stack(books) if len(set(self.codebook_sizes)) == 1 else books
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        z: Tensor,
+        mask: Tensor | None = None,
+        indices: Tensor | None = None,
+        return_all_codes: bool = False,
+        *,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+        generator: torch.Generator | None = None,
+        **stage_kwargs: Any,
+    ) -> ResidualVQOutput | ResidualVQOutputWithCodes | tuple[Tensor, Tensor]:
         """Quantize ``z``; see the class docstring for layouts and outputs.
 
         Args:
             z: (B, ..., dim) float tensor (or the layout set by channel_last / accept_image_fmap).
-            generator: CPU torch.Generator for the quantize-dropout draw; default torch's global one.
+            mask: (B, N) bool, True = valid, for (B, N, dim) / (B, dim, N) sequences; passed to the
+                stages, and padded outputs become 0 (or z, see return_zeros_for_masked_padding).
+            indices: int (..., Q) target codes (no -1): cross-entropy mode, stage q gets
+                ``indices=indices[..., q]`` and returns (quantized, ce loss); no quantize dropout.
+            return_all_codes: also return every stage's codes, (Q, B, ..., codebook_dim).
+            rand_quantize_dropout_fixed_seed: seed of the quantize-dropout draw (module docstring).
+            generator: CPU torch.Generator for the draw without a seed; default torch's global one.
+            **stage_kwargs: passed to every stage's forward.
 
         Returns:
-            QuantizerOutput(quantized, indices (..., num_quantizers), loss (0-d)).
+            ResidualVQOutput(quantized, indices (..., Q), losses (Q,)), with ``all_codes`` when
+            asked; in cross-entropy mode (quantized, sum of the stages' ce losses).
+
+        Raises:
+            ValueError: bad z, mask or indices.
         """
         check_float_tensor(z, "z", min_dim=2)
+        mask = sequence_mask(z, mask, None, self.channel_last, self.accept_image_fmap)
         x = self.project_in(to_channel_last(z, self.dim, self.channel_last, self.accept_image_fmap))
-        active = self.num_quantizers
-        if self.training and self.quantize_dropout:
-            active = draw_active_stages(self.num_quantizers, self.quantize_dropout_cutoff_index, generator)
-
         # Stages see (B, N, dim) for 4-D+ input: peer-style stages (FSQ, LFQ) read 4-D+ as channel-first.
-        residual = x if x.dim() <= 3 else x.flatten(1, -2)
-        quantized = None
-        indices, losses = [], []
-        for layer in self.layers[:active]:
-            e, idx, *loss = layer(residual)  # (quantized, indices[, loss]): FSQ returns no loss
-            e = e.detach()  # the stage's gradient reaches x through its loss; the output has one estimator
-            residual = residual - e
-            quantized = e if quantized is None else quantized + e
-            indices.append(idx.long().reshape(*x.shape[:-1], *idx.shape[residual.dim() - 1 :]))
-            losses.append(loss[0] if loss else residual.new_zeros(()))
+        flat = x if x.dim() <= 3 else x.flatten(1, -2)
+        ce_mode = indices is not None
+        if ce_mode:
+            indices = self._check_target_indices(indices, x)
+        if mask is not None:
+            stage_kwargs["mask"] = mask
+        active = self.num_quantizers
+        if self.training and self.quantize_dropout and not ce_mode:
+            active = draw_active_stages(
+                self.num_quantizers, self.quantize_dropout_cutoff_index, generator,
+                self.quantize_dropout_multiple_of, rand_quantize_dropout_fixed_seed,
+            )
 
-        # Exactly the sum of the codes in value; the identity gradient (straight-through) or the
-        # rotation trick's, once for the whole sum.
-        quantized = estimate(x, quantized.reshape(x.shape), self.rotation_trick)
-        indices.extend(torch.full_like(indices[0], -1) for _ in range(self.num_quantizers - active))
-        stage_losses = torch.stack(losses)  # (active,)
+        residual, quantized = flat, None
+        stage_inputs, stage_indices, losses = [], [], []
+        for q, layer in enumerate(self.layers[:active]):
+            stage_inputs.append(residual.detach())
+            if ce_mode:
+                e, loss = layer(residual, indices=indices[..., q].reshape(flat.shape[:-1]), **stage_kwargs)
+            else:
+                e, idx, *loss = layer(residual, **stage_kwargs)  # (quantized, indices[, loss]): FSQ has no loss
+                stage_indices.append(idx.long().reshape(*x.shape[:-1], *idx.shape[flat.dim() - 1 :]))
+                loss = loss[0] if loss else flat.new_zeros(())
+            if self.stack_estimator is not None:
+                e = e.detach()  # the stack's one estimator below carries the output's gradient
+            residual = residual - frac_gradient(e, self.quant_grad_frac)
+            quantized = e if quantized is None else quantized + e
+            losses.append(loss)
+        self._after_stages(stage_inputs, mask)
+
+        quantized = self._output_estimator(flat, quantized)
+        out = self.project_out(quantized.reshape(x.shape))
+        if mask is not None:
+            out = fill_padding(out, to_channel_last(z, self.dim, self.channel_last, False), mask,
+                               self.return_zeros_for_masked_padding)
+        out = from_channel_last(out, self.channel_last)
+        if ce_mode:
+            return out, sum(losses)
+
+        stage_losses = torch.stack([loss.reshape(()).float() for loss in losses])
+        stage_losses = torch.cat([stage_losses, stage_losses.new_zeros(self.num_quantizers - active)])  # (Q,)
+        stage_indices.extend(torch.full_like(stage_indices[0], -1) for _ in range(self.num_quantizers - active))
+        all_indices = torch.stack(stage_indices, -1)
         with torch.no_grad():
-            self.last_losses.zero_()
-            self.last_losses[:active] = stage_losses.detach().to(self.last_losses.dtype)
-        out = self.project_out(quantized)
-        return QuantizerOutput(from_channel_last(out, self.channel_last), torch.stack(indices, -1), stage_losses.sum())
+            self.last_losses.copy_(stage_losses.detach())
+        if not return_all_codes:
+            return ResidualVQOutput(out, all_indices, stage_losses)
+        return ResidualVQOutputWithCodes(out, all_indices, stage_losses, self.get_codes_from_indices(all_indices))
+
+    def _check_target_indices(self, indices: Tensor, x: Tensor) -> Tensor:
+        """The cross-entropy targets (..., Q) as int64, checked (no -1: every stage needs one)."""
+        if isinstance(indices, (list, tuple)):
+            indices = torch.stack(list(indices), -1)
+        check_indices(indices, max(self.codebook_sizes))
+        if tuple(indices.shape) != (*x.shape[:-1], self.num_quantizers):
+            raise ValueError(
+                f"indices must have shape {(*x.shape[:-1], self.num_quantizers)} (one code per stage), "
+                f"got {tuple(indices.shape)}"
+            )
+        return indices.long()
+
+    def _after_stages(self, stage_inputs: list[Tensor], mask: Tensor | None) -> None:
+        """Hook after the stage loop (ResidualVQ's shared EMA codebook); stage_inputs: each ran stage's
+        residual input, detached, (B, N, codebook_dim)."""
+
+    def _output_estimator(self, flat: Tensor, quantized: Tensor) -> Tensor:
+        """The gradient from the sum of the codes to the stack's input ``flat`` (module docstring)."""
+        if self.stack_estimator is None:
+            return quantized  # each stage's output already carries its own estimator
+        return estimate(flat, quantized, self.stack_estimator == "rotation_trick")
+
+    # -- decoding ---------------------------------------------------------------------------------
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """Each stage's codes for ``indices``, before ``project_out`` (the peer's get_codes_from_indices).
+
+        Args:
+            indices: int (..., Q') with 1 <= Q' <= num_quantizers, as forward returns (channel-last
+                index layout, e.g. (B, H, W, Q') for image maps, or its first Q' stages); -1 entries
+                (dropped stages) and missing trailing stages give zero codes.
+
+        Returns:
+            (num_quantizers, ..., codebook_dim) float: stage q's codes at position q.
+
+        Raises:
+            TypeError: non-integer indices. ValueError: bad stage axis or out-of-range values (CPU only).
+        """
+        check_indices(indices, max(self.codebook_sizes), low=-1)
+        if indices.dim() < 2 or not 1 <= indices.shape[-1] <= self.num_quantizers:
+            raise ValueError(
+                f"indices must be (B, ..., Q) with 1 <= Q <= num_quantizers = {self.num_quantizers}, "
+                f"got shape {tuple(indices.shape)}"
+            )
+        codes = []
+        for q, layer in enumerate(self.layers):
+            if q >= indices.shape[-1]:  # coarse indices: the missing fine stages are dropped ones
+                codes.append(torch.zeros_like(codes[0]))
+                continue
+            idx = indices[..., q]
+            code = layer.get_output_from_indices(idx.clamp_min(0))  # stages are channel-last
+            codes.append(torch.where((idx >= 0).unsqueeze(-1), code, torch.zeros((), dtype=code.dtype,
+                                                                                  device=code.device)))
+        return torch.stack(codes)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """Decode stage indices back to the quantized output, in the forward's layout.
 
         Args:
-            indices: int64 (..., Q') with Q' <= num_quantizers, as forward returns (or its first Q'
-                stages); -1 entries (dropped stages) and missing trailing stages contribute nothing.
+            indices: as ``get_codes_from_indices``.
 
         Returns:
-            (..., dim) for channel-last layouts, (B, dim, ...) otherwise.
+            (..., dim) for channel-last layouts, (B, dim, ...) otherwise: project_out of the codes' sum.
 
         Raises:
-            TypeError: non-integer indices. ValueError: bad stage axis or out-of-range values (CPU only).
+            as ``get_codes_from_indices``.
         """
-        check_indices(indices, max(layer.codebook_size for layer in self.layers), low=-1)
-        if indices.dim() < 1 or not 1 <= indices.shape[-1] <= self.num_quantizers:
-            raise ValueError(
-                f"indices must be (..., Q) with 1 <= Q <= num_quantizers = {self.num_quantizers}, "
-                f"got shape {tuple(indices.shape)}"
-            )
-        quantized = None
-        for layer, idx in zip(self.layers, indices.unbind(-1), strict=False):  # Q' <= Q stages
-            kept = idx >= 0
-            codes = layer.get_output_from_indices(idx.clamp_min(0))  # stages are channel-last
-            codes = torch.where(kept.unsqueeze(-1), codes, torch.zeros((), dtype=codes.dtype, device=codes.device))
-            quantized = codes if quantized is None else quantized + codes
+        codes = self.get_codes_from_indices(indices).unbind(0)
+        quantized = codes[0]
+        for code in codes[1:]:  # in the forward's order, so that decoding reproduces it bitwise
+            quantized = quantized + code
         return from_channel_last(self.project_out(quantized), self.channel_last)
 
     def extra_repr(self) -> str:
@@ -206,110 +357,232 @@ class ResidualStack(nn.Module):
             f"dim={self.dim}, num_quantizers={self.num_quantizers}, codebook_dim={self.codebook_dim}, "
             f"quantize_dropout={self.quantize_dropout}, "
             f"quantize_dropout_cutoff_index={self.quantize_dropout_cutoff_index}, "
-            f"rotation_trick={self.rotation_trick}, channel_last={self.channel_last}"
+            f"quant_grad_frac={self.quant_grad_frac}, stack_estimator={self.stack_estimator!r}, "
+            f"channel_last={self.channel_last}"
         )
 
 
 class ResidualVQ(ResidualStack):
-    """Residual vector quantizer: ``num_quantizers`` VectorQuantizer stages on successive residuals.
+    """vector-quantize-pytorch's ResidualVQ: ``num_quantizers`` VectorQuantizer stages on successive residuals.
 
-    Args:
+    Args (the peer's meaning and default unless said):
         dim: feature size of the input.
-        codebook_size: number of codes K of every stage.
-        num_quantizers: number of stages Q >= 1.
-        shared_codebook: all stages use one codebook module (``layers[0]._codebook``). Only with
-            gradient-trained codebooks (no EMA / k-means init / dead-code revival options). Default False.
-        quantize_dropout: in training, drop a random number of trailing stages per batch (module
-            docstring). Default False.
-        quantize_dropout_cutoff_index: the last kept stage is never before this one, so at least
-            ``cutoff + 1`` stages always run. In [0, num_quantizers - 1]. Default 0.
+        codebook_size: number of codes K of every stage, or a tuple of per-stage sizes (then
+            ``num_quantizers`` may be omitted).
+        num_quantizers: number of stages Q >= 1 (default: the tuple's length).
         codebook_dim: residual (code) space size; other than ``dim`` adds ``project_in`` /
-            ``project_out`` around the whole stack (the stages themselves have no projections).
-        rotation_trick: the output's gradient to x by the rotation trick (``rotate_to``
-            from x to the sum of the codes) instead of straight-through. Default False.
-        channel_last, accept_image_fmap: input layouts, as VectorQuantizer. The stack converts once
+            ``project_out`` around the whole stack (the stages have no projections).
+        shared_codebook: all stages use one codebook module (``layers[0]._codebook``; equal sizes
+            needed). With an EMA codebook every stage accumulates its statistics and the stack
+            applies them once per step (stages built with ``manual_ema_update=True``), then revives
+            dead codes from all stages' residuals, as the peer. Default False.
+        diveq: DiVeQ (directional reparameterisation): gradient-trained codebooks without
+            commitment loss, quant_grad_frac 1, output directional_reparam(x, sum of codes). Default False.
+        heads: must be 1 (as the peer's).
+        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of, quant_grad_frac,
+        return_zeros_for_masked_padding: as ResidualStack (module docstring).
+        stack_estimator (fastvq): None (default, the peer's: each stage's own estimator, summed),
+            "straight_through" or "rotation_trick" (one estimator from x to the sum of the codes).
+        accept_image_fmap, channel_last: input layouts, as VectorQuantizer. The stack converts once
             and runs its stages channel-last.
-        **vq_kwargs: passed to every stage's ``VectorQuantizer`` (commitment_weight, codebook_weight,
-            ema_update, decay, kmeans_init, threshold_ema_dead_code, use_cosine_sim, backend, ...);
-            ``heads`` must be 1 (a heads axis would clash with the stage axis of the indices).
+        implicit_neural_codebook, mlp_kwargs, beam_size, eval_beam_size, beam_score_quantizer_weights:
+            the peer's QINCo and beam search, not implemented: accepted at their defaults only.
+        **vq_kwargs: passed to every stage's ``VectorQuantizer`` (commitment_weight, rotation_trick,
+            ema_update, decay, kmeans_init, threshold_ema_dead_code, use_cosine_sim, backend, ...).
 
-    Input ``z``: (B, ..., dim) float, or (B, dim, ...) when features are not last.
-    Output: ``QuantizerOutput(quantized, indices, loss)``: quantized has z's shape (sum of the active
-    stages' codes, projected out if needed); indices int64 (..., num_quantizers), z's shape minus
-    the feature axis plus a trailing stage axis (-1 for dropped stages; for image feature maps
-    (B, H, W, num_quantizers)); loss 0-d, the sum of the active stages' losses.
-
-    ``last_losses``: (num_quantizers,) the per-stage losses of the last forward, detached (for
-    logging; 0 for dropped stages). vector-quantize-pytorch returns these per-stage losses as the
-    third output instead of their sum.
+    Forward: ``(quantized, indices, losses)`` (ResidualVQOutput), plus ``all_codes`` with
+    ``return_all_codes=True``; (quantized, ce loss) with target ``indices`` (ResidualStack.forward).
 
     Raises:
         ValueError: bad sizes or option combinations (in ``__init__``, including the stages'
         own checks); input of the wrong shape.
+        NotImplementedError: beam search or implicit neural codebooks asked for.
     """
 
     def __init__(
         self,
         dim: int,
-        codebook_size: int,
-        num_quantizers: int,
+        codebook_size: int | tuple[int, ...],
+        num_quantizers: int | None = None,
         *,
+        codebook_dim: int | None = None,
         shared_codebook: bool = False,
+        diveq: bool = False,
+        heads: int = 1,
         quantize_dropout: bool = False,
         quantize_dropout_cutoff_index: int = 0,
-        codebook_dim: int | None = None,
-        rotation_trick: bool = False,
-        channel_last: bool | None = None,
+        quantize_dropout_multiple_of: int = 1,
         accept_image_fmap: bool = False,
-        **vq_kwargs,
+        implicit_neural_codebook: bool = False,
+        mlp_kwargs: dict | None = None,
+        beam_size: int | None = None,
+        eval_beam_size: int | None = None,
+        beam_score_quantizer_weights: Sequence[float] | None = None,
+        quant_grad_frac: float = 0.0,
+        return_zeros_for_masked_padding: bool = True,
+        stack_estimator: str | None = None,
+        channel_last: bool | None = None,
+        **vq_kwargs: Any,
     ) -> None:
-        # Checked before the stages exist, so that the errors name this class's arguments (in the
-        # wording its users already match: "an int >= 1", not the stages' "a positive int").
+        # Checked before the stages exist, so that the errors name this class's arguments.
         int_at_least(dim, "dim", 1)
-        int_at_least(codebook_size, "codebook_size", 1)
-        int_at_least(num_quantizers, "num_quantizers", 1)
+        sizes = _stage_sizes(codebook_size, num_quantizers)
         codebook_dim = dim if codebook_dim is None else int_at_least(codebook_dim, "codebook_dim", 1)
-        if vq_kwargs.get("heads", 1) != 1:
-            raise ValueError(f"ResidualVQ supports heads=1 only, got heads={vq_kwargs['heads']!r}")
-        if shared_codebook:
-            for name, conflicts in _PER_STAGE_CODEBOOK_UPDATES.items():
-                if name in vq_kwargs and conflicts(vq_kwargs[name]):
-                    raise ValueError(
-                        f"shared_codebook=True supports gradient-trained codebooks only, got {name}={vq_kwargs[name]!r}"
-                    )
-        # The stack's estimator carries the output gradient (stage outputs are detached): a stage's own
-        # rotation trick would only cost time.
-        stage_kwargs = {"rotation_trick": False} | vq_kwargs
-        stages = [VectorQuantizer(codebook_dim, codebook_size, **stage_kwargs) for _ in range(num_quantizers)]
+        if heads != 1 or vq_kwargs.get("heads", 1) != 1:
+            raise ValueError(f"ResidualVQ supports heads=1 only, got heads={heads!r}")
+        _check_unimplemented(implicit_neural_codebook, beam_size, eval_beam_size)
+        if beam_score_quantizer_weights is not None and len(beam_score_quantizer_weights) != len(sizes):
+            raise ValueError(
+                f"beam_score_quantizer_weights needs one weight per stage ({len(sizes)}), "
+                f"got {len(beam_score_quantizer_weights)}"
+            )
+        if shared_codebook and len(set(sizes)) != 1:
+            raise ValueError(f"shared_codebook=True needs equal codebook sizes, got {sizes}")
+        stage_kwargs = _stage_kwargs(
+            vq_kwargs, shared_codebook, diveq, stack_estimator, return_zeros_for_masked_padding
+        )
+        stages = [VectorQuantizer(codebook_dim, size, **stage_kwargs) for size in sizes]
         super().__init__(
             stages,
             dim,
             quantize_dropout=quantize_dropout,
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
-            rotation_trick=rotation_trick,
+            quantize_dropout_multiple_of=quantize_dropout_multiple_of,
+            quant_grad_frac=1.0 if diveq else quant_grad_frac,
+            stack_estimator=stack_estimator,
             channel_last=channel_last,
             accept_image_fmap=accept_image_fmap,
+            return_zeros_for_masked_padding=return_zeros_for_masked_padding,
         )
-        self.codebook_size = codebook_size
+        if diveq and stack_estimator is not None:
+            raise ValueError(f"diveq=True sets the output's gradient itself: stack_estimator must be None, "
+                             f"got {stack_estimator!r}")
+        self.diveq = bool(diveq)
         self.shared_codebook = bool(shared_codebook)
+        self.uniform_codebook_size = len(set(sizes)) == 1
+        self.implicit_neural_codebook = False
+        self.beam_size, self.eval_beam_size = beam_size, eval_beam_size if eval_beam_size is not None else beam_size
+        weights = beam_score_quantizer_weights or [1.0] * len(sizes)
+        self.register_buffer("beam_score_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         if shared_codebook:
             first = self.layers[0]
-            if first.ema_update or not first.learnable_codebook:
-                # The stages' defaults are the peer's EMA codebook; updated once per stage per step
-                # it would not be the peer's single update per step, so it is refused, not approximated.
-                raise NotImplementedError(
-                    "shared_codebook=True with an EMA-updated codebook (vector-quantize-pytorch's default) is "
-                    "not implemented in fastvq yet: pass ema_update=False, learnable_codebook=True for a "
-                    "gradient-trained shared codebook"
-                )
             for layer in self.layers[1:]:
                 layer._codebook = first._codebook  # one codebook (the peer's), registered under every stage
 
+    @property
+    def codebook_size(self) -> int:
+        """The first stage's number of codes (the peer's)."""
+        return self.layers[0].codebook_size
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        indices: Tensor | list[Tensor] | None = None,
+        return_all_codes: bool = False,
+        sample_codebook_temp: float | None = None,
+        freeze_codebook: bool = False,
+        beam_size: int | None = None,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> ResidualVQOutput | ResidualVQOutputWithCodes | tuple[Tensor, Tensor]:
+        """The peer's ResidualVQ.forward; see ``ResidualStack.forward`` for the shared arguments.
+
+        ``sample_codebook_temp`` and ``freeze_codebook`` go to every stage (``freeze_codebook=False``
+        leaves each stage's own constructor setting; True freezes every stage for this call);
+        ``beam_size`` > 1 (beam search) raises NotImplementedError; ``generator`` (fastvq) drives
+        the quantize-dropout draw when no seed is given.
+        """
+        beam = beam_size if beam_size is not None else (self.beam_size if self.training else self.eval_beam_size)
+        _check_unimplemented(False, beam, None)
+        if indices is not None and self.accept_image_fmap:
+            raise ValueError("indices (cross-entropy mode) cannot be combined with accept_image_fmap=True")
+        stage_kwargs = {"sample_codebook_temp": sample_codebook_temp, "freeze_codebook": freeze_codebook or None}
+        return super().forward(
+            x, mask, indices, return_all_codes,
+            rand_quantize_dropout_fixed_seed=rand_quantize_dropout_fixed_seed, generator=generator, **stage_kwargs,
+        )
+
+    def _after_stages(self, stage_inputs: list[Tensor], mask: Tensor | None) -> None:
+        """Shared codebook in training: apply the EMA statistics all stages gathered, once, and revive
+        dead codes from every stage's residual (the peer's order)."""
+        if not (self.training and self.shared_codebook):
+            return
+        shared = self.layers[0]
+        if shared.ema_update:
+            shared._codebook.update_ema()
+        if shared.threshold_ema_dead_code > 0:  # the peer's expire_codes_ is a no-op without revival
+            residuals = torch.stack(stage_inputs, -2)  # (B, N, L, codebook_dim)
+            shared.expire_codes_(residuals.flatten(-3, -2))  # (B, N * L, codebook_dim)
+
+    def _output_estimator(self, flat: Tensor, quantized: Tensor) -> Tensor:
+        if not self.diveq:
+            return super()._output_estimator(flat, quantized)
+        from fastvq.quantizers.gradients import directional_reparam  # being added beside the other estimators
+
+        return directional_reparam(flat, quantized, _DIVEQ_VARIANCE)
+
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, codebook_size={self.codebook_size}, num_quantizers={self.num_quantizers}, "
-            f"codebook_dim={self.codebook_dim}, shared_codebook={self.shared_codebook}, "
+            f"dim={self.dim}, codebook_size={self.codebook_sizes}, num_quantizers={self.num_quantizers}, "
+            f"codebook_dim={self.codebook_dim}, shared_codebook={self.shared_codebook}, diveq={self.diveq}, "
             f"quantize_dropout={self.quantize_dropout}, "
             f"quantize_dropout_cutoff_index={self.quantize_dropout_cutoff_index}, "
-            f"rotation_trick={self.rotation_trick}, channel_last={self.channel_last}"
+            f"quantize_dropout_multiple_of={self.quantize_dropout_multiple_of}, "
+            f"quant_grad_frac={self.quant_grad_frac}, stack_estimator={self.stack_estimator!r}, "
+            f"channel_last={self.channel_last}"
         )
+
+
+def _stage_sizes(codebook_size: int | tuple[int, ...], num_quantizers: int | None) -> tuple[int, ...]:
+    """Per-stage codebook sizes from the peer's ``codebook_size`` (int or tuple) and ``num_quantizers``."""
+    if isinstance(codebook_size, (tuple, list)):
+        sizes = tuple(int_at_least(size, "codebook_size", 1) for size in codebook_size)
+        if not sizes or (num_quantizers is not None and num_quantizers != len(sizes)):
+            raise ValueError(
+                f"codebook_size as a tuple needs one size per stage (num_quantizers={num_quantizers}), got {sizes}"
+            )
+        return sizes
+    int_at_least(codebook_size, "codebook_size", 1)
+    if num_quantizers is None:
+        raise ValueError("num_quantizers is needed when codebook_size is an int, got None")
+    return (codebook_size,) * int_at_least(num_quantizers, "num_quantizers", 1)
+
+
+def _check_unimplemented(implicit_neural_codebook: bool, beam_size: int | None, eval_beam_size: int | None) -> None:
+    """The peer's QINCo and beam search are not implemented: raise naming them at non-default values."""
+    if implicit_neural_codebook:
+        raise NotImplementedError(
+            "ResidualVQ: vector-quantize-pytorch's option implicit_neural_codebook=True is not implemented in fastvq"
+        )
+    for name, value in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
+        if value is not None and value > 1:
+            raise NotImplementedError(
+                f"ResidualVQ: vector-quantize-pytorch's option {name}={value!r} (beam search) is not implemented "
+                "in fastvq (only None or 1 is accepted)"
+            )
+
+
+def _stage_kwargs(
+    vq_kwargs: dict[str, Any], shared_codebook: bool, diveq: bool, stack_estimator: str | None, zeros_for_padding: bool
+) -> dict[str, Any]:
+    """The keywords every stage's VectorQuantizer gets (the peer's vq_kwargs updates)."""
+    kwargs = {"return_zeros_for_masked_padding": zeros_for_padding}
+    if stack_estimator is not None:
+        # Stage outputs are detached under the stack's estimator: a stage's rotation trick would only cost time.
+        kwargs["rotation_trick"] = False
+    kwargs |= vq_kwargs
+    if diveq:
+        if kwargs.get("ema_update"):
+            raise ValueError("diveq=True trains the codebook by gradient: it cannot be combined with ema_update=True")
+        kwargs |= {"ema_update": False, "learnable_codebook": True, "route_gradients_to_input": False,
+                   "commitment_weight": 0.0}
+    if shared_codebook:
+        ema, _, _ = codebook.resolve_training_mode(
+            kwargs.get("ema_update"), kwargs.get("learnable_codebook"), kwargs.get("codebook_weight"), 1.0
+        )
+        if ema:
+            # Each stage accumulates the shared codebook's EMA statistics; the stack applies them once.
+            kwargs["manual_ema_update"] = True
+    return kwargs

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastvq.quantizers.gradients import rotate_to
-from fastvq.quantizers.output import QuantizerOutput
+from fastvq.quantizers.output import ResidualVQOutput
 from fastvq.quantizers.residual import ResidualVQ
 
 # Gradient-trained stages (the stages' defaults are vector-quantize-pytorch's EMA codebooks): for tests
@@ -43,9 +43,10 @@ def test_each_stage_refines_a_constructed_codebook():
     rvq = _multiscale_rvq(4).eval()
     x = torch.rand(500, 2) * 3 - 1.5
     out = rvq(x)
-    assert isinstance(out, QuantizerOutput)
-    q, idx, loss = out
-    assert q.shape == x.shape and idx.shape == (500, 4) and idx.dtype == torch.int64 and loss.shape == ()
+    assert isinstance(out, ResidualVQOutput)
+    q, idx, losses = out
+    assert q.shape == x.shape and idx.shape == (500, 4) and idx.dtype == torch.int64
+    assert losses.shape == (4,) and bool((losses == 0).all())  # per stage; 0 in eval, as the peer's
     ref_idx, ref_recons = _greedy_reference(x, [layer.embed.detach() for layer in rvq.layers])
     assert torch.equal(idx, ref_idx)
     errors = []
@@ -64,7 +65,7 @@ def test_each_stage_refines_after_short_training():
     opt = torch.optim.Adam(rvq.parameters(), lr=0.05)
     for _ in range(40):
         opt.zero_grad()
-        rvq(data).loss.backward()
+        rvq(data).losses.sum().backward()
         opt.step()
     rvq.eval()
     _, idx, _ = rvq(data)
@@ -73,7 +74,7 @@ def test_each_stage_refines_after_short_training():
     assert errors[1] < 0.75 * errors[0] and errors[2] < 0.75 * errors[1]
 
 
-def test_loss_is_the_sum_of_the_stage_losses():
+def test_losses_are_the_stage_losses():
     rvq = ResidualVQ(5, 7, 3, commitment_weight=0.4, codebook_weight=1.0, **GRADIENT, backend="torch")
     x = torch.randn(3, 11, 5)
     q, idx, loss = rvq(x)
@@ -84,30 +85,35 @@ def test_loss_is_the_sum_of_the_stage_losses():
         residual = residual - e.detach()
         stage_losses.append(stage_loss.detach())
     torch.testing.assert_close(rvq.last_losses, torch.stack(stage_losses))
-    torch.testing.assert_close(loss.detach(), torch.stack(stage_losses).sum())
+    torch.testing.assert_close(loss.detach(), torch.stack(stage_losses))  # (Q,), as the peer's
 
 
-def test_output_gradient_is_one_straight_through_estimator():
-    rvq = ResidualVQ(6, 9, 3, commitment_weight=0.0, codebook_weight=0.0, **GRADIENT, backend="torch")
-    z = torch.randn(8, 6, requires_grad=True)
+def test_output_gradient_straight_through_per_stage_or_once():
     w = torch.randn(8, 6)
-    q, _, loss = rvq(z)
-    (q * w).sum().backward()
-    assert torch.equal(z.grad, w)  # identity, not num_quantizers x identity
+    # the peer's default: every stage's straight-through output reaches z, Q x identity
+    rvq = ResidualVQ(6, 9, 3, commitment_weight=0.0, rotation_trick=False, **GRADIENT, backend="torch")
+    z = torch.randn(8, 6, requires_grad=True)
+    rvq(z).quantized.mul(w).sum().backward()
+    torch.testing.assert_close(z.grad, 3 * w)
+    # fastvq's option: one estimator for the sum, identity
+    rvq = ResidualVQ(6, 9, 3, commitment_weight=0.0, stack_estimator="straight_through", **GRADIENT, backend="torch")
+    z = torch.randn(8, 6, requires_grad=True)
+    rvq(z).quantized.mul(w).sum().backward()
+    assert torch.equal(z.grad, w)
 
     # every stage's commitment term reaches the input: d/dz of sum_q beta mean((r_q - sg(e_q))^2)
     rvq = ResidualVQ(6, 9, 3, commitment_weight=1.0, codebook_weight=0.0, **GRADIENT, backend="torch")
     z = torch.randn(8, 6, requires_grad=True)
     _, idx, loss = rvq(z)
-    loss.backward()
+    loss.sum().backward()
     codes = [layer.embed.detach()[idx[:, s]] for s, layer in enumerate(rvq.layers)]
     partial_sums = torch.cumsum(torch.stack(codes), dim=0)  # (Q, N, D): reconstruction after each stage
     expected = sum(2 * (z.detach() - partial_sums[s]) / z.numel() for s in range(3))
     torch.testing.assert_close(z.grad, expected)
 
 
-def test_rotation_trick_option():
-    rvq = ResidualVQ(4, 9, 2, rotation_trick=True, codebook_weight=1.0, **GRADIENT, backend="torch")
+def test_stack_rotation_trick_option():
+    rvq = ResidualVQ(4, 9, 2, stack_estimator="rotation_trick", codebook_weight=1.0, **GRADIENT, backend="torch")
     z = torch.randn(6, 4, requires_grad=True)
     q, idx, _ = rvq(z)
     assert torch.equal(q, rvq.get_output_from_indices(idx))
@@ -148,14 +154,14 @@ def test_shared_codebook_is_one_parameter():
     assert len(params) == 1 and all(layer._codebook is rvq.layers[0]._codebook for layer in rvq.layers)
     z = torch.randn(20, 4)
     _, _, loss = rvq(z)
-    loss.backward()
+    loss.sum().backward()
     # its gradient is the sum of what each stage would give its own copy of the same codes
     unshared = ResidualVQ(4, 6, 3, codebook_weight=1.0, **GRADIENT, backend="torch")
     with torch.no_grad():
         for layer in unshared.layers:
             layer.embed.copy_(rvq.layers[0].embed)
     _, _, loss_u = unshared(z)
-    loss_u.backward()
+    loss_u.sum().backward()
     torch.testing.assert_close(params[0].grad[0], sum(layer._codebook.embed.grad[0] for layer in unshared.layers))
     torch.optim.SGD(rvq.parameters(), lr=0.1).step()
     assert all(torch.equal(layer.embed, rvq.layers[0].embed) for layer in rvq.layers)
@@ -178,8 +184,8 @@ def test_quantize_dropout_drops_trailing_stages_in_training_only():
         assert 2 <= active <= 5  # at least stages 0 and 1 (cutoff index 1)
         assert bool((idx[..., :active] >= 0).all()) and bool((idx[..., active:] == -1).all())
         assert torch.equal(rvq.get_output_from_indices(idx), q)
-        assert bool((rvq.last_losses[active:] == 0).all())
-        torch.testing.assert_close(loss.detach(), rvq.last_losses.sum())
+        assert bool((loss[active:] == 0).all()) and bool((loss[:active] > 0).all())
+        torch.testing.assert_close(loss.detach(), rvq.last_losses)
         seen.add(active)
     assert seen == {2, 3, 4, 5}
 
@@ -207,7 +213,7 @@ def test_dropped_stages_do_not_run():
             break
     else:
         pytest.fail("no draw kept a single stage")
-    loss.backward()
+    loss.sum().backward()
     assert rvq.layers[0]._codebook.embed.grad is not None
     assert rvq.layers[1]._codebook.embed.grad is None and rvq.layers[2]._codebook.embed.grad is None
 
@@ -240,8 +246,17 @@ def test_state_dict_round_trip():
         (dict(dim=4, codebook_size=8, num_quantizers=2, quantize_dropout_cutoff_index=2), "quantize_dropout_cutoff"),
         (dict(dim=4, codebook_size=8, num_quantizers=2, quantize_dropout_cutoff_index=-1), "quantize_dropout_cutoff"),
         (dict(dim=4, codebook_size=8, num_quantizers=2, heads=2), "heads=1 only"),
-        (dict(dim=4, codebook_size=8, num_quantizers=2, shared_codebook=True, ema_update=True), "ema_update"),
-        (dict(dim=4, codebook_size=8, num_quantizers=2, shared_codebook=True, kmeans_init=True), "kmeans_init"),
+        (dict(dim=4, codebook_size=8), "num_quantizers is needed"),
+        (dict(dim=4, codebook_size=(8, 4), num_quantizers=3), "one size per stage"),
+        (dict(dim=4, codebook_size=(8, 0)), "codebook_size must be an int >= 1"),
+        (dict(dim=4, codebook_size=(8, 4), shared_codebook=True), "equal codebook sizes"),
+        (dict(dim=4, codebook_size=8, num_quantizers=2, stack_estimator="ste"), "stack_estimator must be one of"),
+        (dict(dim=4, codebook_size=8, num_quantizers=2, stack_estimator="straight_through", quant_grad_frac=0.5),
+         "quant_grad_frac > 0 needs stack_estimator=None"),
+        (dict(dim=4, codebook_size=8, num_quantizers=2, quant_grad_frac=1.5), "quant_grad_frac must be"),
+        (dict(dim=4, codebook_size=8, num_quantizers=2, quantize_dropout_multiple_of=0), "quantize_dropout_multiple"),
+        (dict(dim=4, codebook_size=8, num_quantizers=2, beam_score_quantizer_weights=[1.0]), "one weight per stage"),
+        (dict(dim=4, codebook_size=8, num_quantizers=2, diveq=True, ema_update=True), "diveq"),
         (dict(dim=4, codebook_size=8, num_quantizers=2, commitment_weight=-1.0), "commitment_weight"),
         (dict(dim=4, codebook_size=8, num_quantizers=2, accept_image_fmap=True, channel_last=True), "accept_image"),
     ],
@@ -251,12 +266,20 @@ def test_bad_constructor_arguments(kwargs, match):
         ResidualVQ(**kwargs)
 
 
-def test_shared_codebook_with_the_default_ema_codebook_is_refused_not_approximated():
-    # The stages default to the peer's EMA codebook; a shared one would be updated once per stage.
-    with pytest.raises(NotImplementedError, match="shared_codebook=True with an EMA-updated codebook"):
-        ResidualVQ(4, 8, 2, shared_codebook=True)
-    with pytest.raises(NotImplementedError, match="shared_codebook"):
-        ResidualVQ(4, 8, 2, shared_codebook=True, ema_update=False)  # a frozen codebook: nothing trains it
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(implicit_neural_codebook=True), "implicit_neural_codebook"),
+        (dict(beam_size=2), "beam_size=2"),
+        (dict(beam_size=1, eval_beam_size=3), "eval_beam_size=3"),
+    ],
+)
+def test_unimplemented_peer_options_raise_naming_themselves(kwargs, match):
+    with pytest.raises(NotImplementedError, match=match):
+        ResidualVQ(4, 8, 2, **kwargs)
+    rvq = ResidualVQ(4, 8, 2, beam_size=1, backend="torch")  # beam size 1 is no beam search, as the peer's
+    with pytest.raises(NotImplementedError, match="beam_size=4"):
+        rvq(torch.randn(2, 3, 4), beam_size=4)
 
 
 def test_bad_inputs():
@@ -269,3 +292,7 @@ def test_bad_inputs():
         rvq.get_output_from_indices(torch.tensor([[0, -2]]))
     with pytest.raises(TypeError, match="indices must be an int64"):
         rvq.get_output_from_indices(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="mask must be a bool tensor of shape"):
+        rvq(torch.randn(2, 5, 4), mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"indices must have shape \(2, 5, 2\)"):
+        rvq(torch.randn(2, 5, 4), indices=torch.zeros(2, 5, 3, dtype=torch.long))

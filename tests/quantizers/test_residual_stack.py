@@ -31,7 +31,7 @@ def test_fsq_stages_follow_the_greedy_reference():
     stack = ResidualStack([FSQ(LEVELS) for _ in range(3)])
     x = 2 * torch.randn(2, 13, 3)
     q, idx, loss = stack(x)
-    assert q.shape == x.shape and idx.shape == (2, 13, 3) and loss.item() == 0
+    assert q.shape == x.shape and idx.shape == (2, 13, 3) and loss.shape == (3,) and bool((loss == 0).all())
     residual, total = x.double(), torch.zeros_like(x, dtype=torch.float64)
     for stage in range(3):
         codes = _fsq_reference(residual, LEVELS)
@@ -59,13 +59,30 @@ def test_mixed_stages_match_the_stages_run_by_hand_and_project():
         residual, total = residual - e, total + e
         losses.append(stage_loss[0] if stage_loss else torch.zeros(()))
     torch.testing.assert_close(q, stack.project_out(total).movedim(-1, 1))
-    torch.testing.assert_close(loss, torch.stack(losses).sum())
+    torch.testing.assert_close(loss, torch.stack(losses))  # per stage
     torch.testing.assert_close(stack.last_losses, torch.stack(losses).detach())
     torch.testing.assert_close(stack.get_output_from_indices(idx), q)
 
 
-def test_one_straight_through_estimator_for_the_sum():
+def test_default_sums_each_stages_own_estimator():
     stack = ResidualStack([FSQ(LEVELS) for _ in range(4)])
+    z = torch.randn(5, 3, requires_grad=True)
+    g = torch.randn(5, 3)
+    (gz,) = torch.autograd.grad(stack(z).quantized, z, g)
+    # by hand: stage q's straight-through rounding of its bounded residual, the residual detached
+    # from the earlier codes (Jacobian I to z), summed over the stages
+    residual, expected = z.detach(), torch.zeros_like(z)
+    for layer in stack.layers:
+        r = residual.clone().requires_grad_()
+        e = layer(r)[0]
+        expected += torch.autograd.grad(e, r, g)[0]
+        residual = residual - e.detach()
+    torch.testing.assert_close(gz, expected)
+    assert not torch.allclose(gz, g)
+
+
+def test_one_straight_through_estimator_for_the_sum():
+    stack = ResidualStack([FSQ(LEVELS) for _ in range(4)], stack_estimator="straight_through")
     z = torch.randn(5, 3, requires_grad=True)
     g = torch.randn(5, 3)
     (gz,) = torch.autograd.grad(stack(z).quantized, z, g)
@@ -102,6 +119,7 @@ def test_residual_vq_is_the_stack_of_vector_quantizers():
         (lambda: ResidualStack([FSQ([5, 5])] * 2, quantize_dropout_cutoff_index=2), "quantize_dropout_cutoff"),
         (lambda: ResidualStack([FSQ([5, 5])], quantize_dropout_cutoff_index=-1), "must be an int >= 0"),
         (lambda: ResidualStack([FSQ([5, 5])], accept_image_fmap=True, channel_last=True), "accept_image_fmap"),
+        (lambda: ResidualStack([FSQ([5, 5])], stack_estimator=True), "stack_estimator must be one of"),
     ],
 )
 def test_bad_constructions(make, match):
