@@ -6,8 +6,10 @@ benchmarks measure against).
 Parts they share, for the coming family to compose instead of copy:
   output.py       QuantizerOutput, the NamedTuple every quantizer returns
   layout.py       channel-last, channel-first and feature-map layouts
-  assignment.py   which code a vector gets (nearest, through the fused op)
-  gradients.py    gradient estimators: straight-through, the rotation trick
+  assignment.py   which code a vector gets (nearest, through the fused op; or sampled, sampling.py)
+  gradients.py    gradient estimators: straight-through, the rotation trick, DiVeQ, synchronous update
+  aux_losses.py   the peer's cross-entropy commitment, diversity and orthogonal terms (regularizers.py)
+  affine.py       the peer's affine codebook statistics; inplace.py: its in-place codebook optimizer
   codebook.py     codebook state and updates: EMA + Laplace smoothing, k-means init (kmeans.py),
                   dead-code revival, DDP sync, telemetry
   implicit.py     codes computed from indices (FSQ, LFQ)
