@@ -438,6 +438,8 @@ class CodebookUpdater:
             and dead codes are replaced by rank 0's rows: ranks never diverge. Every rank must then
             make the same calls (collectives). False (the peer's ``sync_codebook=False``): no
             collective at all, each rank updates its own codebook from its own rows.
+        sync_kmeans: False (the peer's): each rank's k-means runs on its own rows only (ranks start
+            from different codes even when their statistics are synced afterwards).
 
     Raises:
         ValueError: a value out of its range. TypeError: ``manual_ema_update`` not a bool,
@@ -454,6 +456,7 @@ class CodebookUpdater:
     backend: str = "auto"
     manual_ema_update: bool = False
     sync: bool | None = None
+    sync_kmeans: bool = True
 
     def __post_init__(self) -> None:
         positive_int(self.codebook_size, "codebook_size")
@@ -486,11 +489,12 @@ class CodebookUpdater:
         """Set the codes to the k-means centroids of ``rows`` (N, D), gathered over ranks; the EMA
         restarts from the clusters (count = cluster size, at least 1; sum = centroid x count)."""
         rows = rows.detach().float().contiguous()
-        if self.syncs:
+        together = self.syncs and self.sync_kmeans  # sync_kmeans=False: each rank clusters its own rows
+        if together:
             rows = all_gather_rows(rows)
         metric = "cosine" if self.use_cosine_sim else "l2"
         centroids, counts = kmeans(rows, self.codebook_size, self.kmeans_iters, metric, backend=self.backend)
-        if self.syncs:
+        if together:
             broadcast_(centroids)
             broadcast_(counts)
         counts = counts.clamp_min(1.0)  # an empty cluster keeps its centroid as a code

@@ -14,7 +14,6 @@ from typing import Any
 # Peer constructor keywords of VectorQuantize not implemented here, with the peer's defaults
 # (release 1.32; accepted at these values).
 UNSUPPORTED_OPTIONS: dict[str, Any] = {
-    "sync_kmeans": True,  # False: k-means on each rank's own rows
     "sync_affine_param": False,  # True: affine statistics summed over ranks
 }
 

@@ -71,7 +71,7 @@ class VectorQuantizer(nn.Module):
         freeze_codebook: no codebook update and no codebook gradient (also per forward). Default False.
         kmeans_init, kmeans_iters: the first training batch initialises the codebook by k-means
             (fastvq: k-means++ seeds, then ``kmeans_iters`` Lloyd steps; default 10).
-        sync_kmeans: k-means over all ranks' rows (default True; False is not implemented).
+        sync_kmeans: k-means over all ranks' rows (default True; False: each rank's own rows).
         use_cosine_sim: l2-normalise inputs and codes (cosine distances). Default False.
         layernorm_after_project_in: LayerNorm after the input projection. Default False.
         threshold_ema_dead_code: codes whose usage EMA falls below this are replaced by rows of
@@ -143,6 +143,7 @@ class VectorQuantizer(nn.Module):
         freeze_codebook: bool = False,
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
+        sync_kmeans: bool = True,
         use_cosine_sim: bool = False,
         layernorm_after_project_in: bool = False,
         threshold_ema_dead_code: float = 0,
@@ -209,7 +210,7 @@ class VectorQuantizer(nn.Module):
         self.codebook_weight = check_weight(codebook_weight, "codebook_weight")
         self.updater = codebook.CodebookUpdater(
             codebook_size, ema_update, decay, eps, threshold_ema_dead_code, kmeans_iters, use_cosine_sim, backend,
-            manual_ema_update=manual_ema_update, sync=sync_codebook,
+            manual_ema_update=manual_ema_update, sync=sync_codebook, sync_kmeans=bool(sync_kmeans),
         )
         self.ema_update, self.learnable_codebook = ema_update, learnable_codebook
         self.decay, self.eps = float(decay), float(eps)

@@ -546,6 +546,20 @@ def test_sync_false_makes_no_collective_call(monkeypatch, sync):
         assert calls.count("all_reduce") == 2 * BOOKS and calls.count("broadcast") == 2 * BOOKS
 
 
+@pytest.mark.parametrize("sync_kmeans", [True, False])
+def test_sync_kmeans_false_clusters_each_ranks_own_rows(monkeypatch, sync_kmeans):
+    calls = _spy_on_collectives(monkeypatch)
+    gathered = []
+    monkeypatch.setattr(codebook, "all_gather_rows", lambda rows: gathered.append(rows.shape) or rows)
+    book, _ = _book()
+    updater = CodebookUpdater(K, kmeans_iters=1, backend="torch", sync_kmeans=sync_kmeans)
+    codebook.kmeans_init_books_(book, updater, _batch(20)[0])
+    if sync_kmeans:  # rows gathered, centroids and counts broadcast, per codebook
+        assert len(gathered) == BOOKS and calls.count("broadcast") == 2 * BOOKS
+    else:
+        assert gathered == [] and calls == []
+
+
 def test_manual_and_sync_options_are_checked():
     with pytest.raises(TypeError, match="manual_ema_update must be a bool"):
         CodebookUpdater(K, manual_ema_update=1)

@@ -54,11 +54,9 @@ def test_alias_and_defaults():
 
 
 def test_unimplemented_peer_keywords_raise_naming_them():
-    with pytest.raises(NotImplementedError, match="sync_kmeans"):
-        VectorQuantize(dim=4, codebook_size=8, sync_kmeans=False)
     with pytest.raises(NotImplementedError, match="sync_affine_param"):
         VectorQuantize(dim=4, codebook_size=8, sync_affine_param=True)
-    VectorQuantize(dim=4, codebook_size=8, sync_kmeans=True, sync_affine_param=False)  # defaults pass
+    VectorQuantize(dim=4, codebook_size=8, sync_affine_param=False)  # the default passes
     with pytest.raises(TypeError, match="not_a_keyword"):
         VectorQuantize(dim=4, codebook_size=8, not_a_keyword=1)
     vq = VectorQuantize(dim=4, codebook_size=8)
