@@ -18,9 +18,7 @@ UNSUPPORTED_OPTIONS: dict[str, Any] = {
 }
 
 # VectorQuantize.forward keywords not implemented here, with the peer's defaults.
-UNSUPPORTED_FORWARD_OPTIONS: dict[str, Any] = {
-    "codebook_transform_fn": None,  # the implicit neural codebook (QINCo): per-row codebooks
-}
+UNSUPPORTED_FORWARD_OPTIONS: dict[str, Any] = {}
 
 
 def check_peer_combinations(

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from fastvq.checks import check_float_tensor, check_indices, int_at_least, nonne
 from fastvq.distributed import broadcast_, is_distributed
 from fastvq.quantizers import codebook
 from fastvq.quantizers.gradients import estimate
+from fastvq.quantizers.implicit_codebook import ImplicitCodebookMLP
 from fastvq.quantizers.layout import (
     common_input_dim,
     fill_padding,
@@ -100,6 +102,86 @@ def frac_gradient(e: Tensor, frac: float) -> Tensor:
     return frac * e + (1.0 - frac) * e.detach()
 
 
+class Beam:
+    """The candidates of a residual beam search, j per position (j = 1 at the start).
+
+    Every tensor has the positions' axes ``P`` first and the candidate axis after them:
+    ``scores`` (*P, j) minus the weighted sum of the candidate's stage losses; ``residual`` and
+    ``quantized`` (*P, j, cd) what is left and the sum of the codes so far; ``inputs`` (*P, j, L, cd)
+    the residual each of the L stages so far saw (detached); ``indices`` (*P, j, L) int64 and
+    ``losses`` (*P, j, L) the stages' codes and per-vector losses. The beam holds O(P * j * L * cd),
+    never a position-by-code matrix.
+
+    Args:
+        flat: (*P, cd) float, the stack's input in the residual space.
+    """
+
+    def __init__(self, flat: Tensor) -> None:
+        self.axis = flat.dim() - 1  # the candidate axis
+        start = flat.unsqueeze(-2)  # (*P, 1, cd)
+        self.scores = flat.new_zeros(*flat.shape[:-1], 1)
+        self.residual, self.quantized = start, torch.zeros_like(start)  # zeros + e: the peer's arithmetic
+        self.inputs = flat.new_zeros(*start.shape[:-1], 0, flat.shape[-1]).detach()
+        self.indices = torch.zeros(*start.shape[:-1], 0, dtype=torch.long, device=flat.device)
+        self.losses = torch.zeros(*start.shape[:-1], 0, dtype=torch.float32, device=flat.device)
+
+    def extend(self, e: Tensor, e_residual: Tensor, idx: Tensor, loss: Tensor, weight: Tensor | float) -> None:
+        """Replace each candidate by its k continuations with the next stage's codes.
+
+        Args:
+            e: (*P, j, k, cd) the stage's k best codes for each candidate's residual, with the
+                stage's gradient estimator; ``e_residual`` the same value with the gradient the next
+                residual carries (quant_grad_frac).
+            idx: (*P, j, k) int64 their indices; ``loss`` (*P, j, k) their per-vector losses.
+            weight: this stage's weight in the score (beam_score_quantizer_weights).
+        """
+        k = idx.shape[-1]
+        self.inputs = torch.cat((self.inputs, self.residual.detach().unsqueeze(-2)), -2)
+        self.scores = (self.scores.unsqueeze(-1) - loss * weight).flatten(-2)  # (*P, j * k)
+        self.residual = (self.residual.unsqueeze(-2) - e_residual).flatten(-3, -2)
+        self.quantized = (self.quantized.unsqueeze(-2) + e).flatten(-3, -2)
+        self.inputs = self.inputs.repeat_interleave(k, self.axis)
+        self.indices = torch.cat((self.indices.repeat_interleave(k, self.axis), idx.flatten(-2).unsqueeze(-1)), -1)
+        self.losses = torch.cat((self.losses.repeat_interleave(k, self.axis), loss.flatten(-2).unsqueeze(-1)), -1)
+
+    def keep(self, width: int) -> None:
+        """Keep the ``width`` best-scoring candidates per position (all when there are no more)."""
+        if self.scores.shape[-1] <= width:
+            return
+        self.scores, pick = self.scores.topk(width, dim=-1)  # (*P, width), torch.topk as the peer's
+        for name in ("residual", "quantized", "inputs", "indices", "losses"):
+            value = getattr(self, name)
+            setattr(self, name, torch.take_along_dim(value, _trailing_ones(pick, value.dim()), self.axis))
+
+    def best(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(quantized (*P, cd), indices (*P, L), losses (*P, L), inputs (*P, L, cd)) of the first
+        (after ``keep(1)``: the best) candidate."""
+        return tuple(t.select(self.axis, 0) for t in (self.quantized, self.indices, self.losses, self.inputs))
+
+
+def _trailing_ones(t: Tensor, ndim: int) -> Tensor:
+    """t viewed with size-1 axes appended up to ``ndim`` axes (to broadcast an index along them)."""
+    return t.reshape(*t.shape, *([1] * (ndim - t.dim())))
+
+
+def _beam_as_sequence(residual: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(*P, j, cd) candidates as the (B, N * j, cd) sequence a stage takes, and the (B, N) mask
+    repeated for the j candidates of each position."""
+    stage_in = residual.reshape(residual.shape[0], -1, residual.shape[-1])
+    if mask is None:
+        return stage_in, None
+    return stage_in, mask.repeat_interleave(residual.shape[-2], 1)
+
+
+def _average_over_valid(per_vector: Tensor, mask: Tensor | None) -> Tensor:
+    """(*P, L) per-position losses -> (L,): their mean, or with a (B, N) mask the sum over valid
+    positions divided by their number (the peer's beam-search stage losses)."""
+    if mask is None:
+        return per_vector.flatten(0, -2).mean(0)
+    kept = torch.where(mask.unsqueeze(-1), per_vector, 0.0)
+    return kept.flatten(0, -2).sum(0) / mask.sum().clamp_min(1e-4)
+
+
 class ResidualStack(nn.Module):
     """Residual quantization over any stages (module docstring).
 
@@ -120,6 +202,8 @@ class ResidualStack(nn.Module):
         channel_last, accept_image_fmap: input layouts, as VectorQuantizer. The stack converts once
             and runs its stages channel-last.
         return_zeros_for_masked_padding: with a ``mask``, padded positions output 0 (else the input).
+        beam_score_quantizer_weights: one weight per stage of its losses in the beam-search score
+            (forward ``beam_size``). Default all 1.
 
     Input ``z``: (B, ..., dim) float, or (B, dim, ...) when features are not last.
     Output: ``ResidualVQOutput(quantized, indices, losses)``: quantized has z's shape; indices int64
@@ -144,6 +228,7 @@ class ResidualStack(nn.Module):
         channel_last: bool | None = None,
         accept_image_fmap: bool = False,
         return_zeros_for_masked_padding: bool = True,
+        beam_score_quantizer_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         layers = list(layers)
@@ -180,6 +265,13 @@ class ResidualStack(nn.Module):
         self.has_projections = dim != codebook_dim
         self.layers = nn.ModuleList(layers)
         self.register_buffer("last_losses", torch.zeros(len(layers)), persistent=False)
+        if beam_score_quantizer_weights is not None and len(beam_score_quantizer_weights) != len(layers):
+            raise ValueError(
+                f"beam_score_quantizer_weights needs one weight per stage ({len(layers)}), "
+                f"got {len(beam_score_quantizer_weights)}"
+            )
+        weights = [1.0] * len(layers) if beam_score_quantizer_weights is None else list(beam_score_quantizer_weights)
+        self.register_buffer("beam_score_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
 
     @property
     def codebook_sizes(self) -> tuple[int, ...]:
@@ -204,6 +296,7 @@ class ResidualStack(nn.Module):
         *,
         rand_quantize_dropout_fixed_seed: int | None = None,
         generator: torch.Generator | None = None,
+        beam_size: int | None = None,
         **stage_kwargs: Any,
     ) -> ResidualVQOutput | ResidualVQOutputWithCodes | tuple[Tensor, Tensor]:
         """Quantize ``z``; see the class docstring for layouts and outputs.
@@ -217,6 +310,8 @@ class ResidualStack(nn.Module):
             return_all_codes: also return every stage's codes, (Q, B, ..., codebook_dim).
             rand_quantize_dropout_fixed_seed: seed of the quantize-dropout draw (module docstring).
             generator: CPU torch.Generator for the draw without a seed; default torch's global one.
+            beam_size: > 1 searches the stages' codes with a beam of this width (``_beam_stages``;
+                stages with forward ``topk`` and ``update_indices``); ignored in cross-entropy mode.
             **stage_kwargs: passed to every stage's forward.
 
         Returns:
@@ -243,21 +338,13 @@ class ResidualStack(nn.Module):
                 self.quantize_dropout_multiple_of, rand_quantize_dropout_fixed_seed,
             )
 
-        residual, quantized = flat, None
-        stage_inputs, stage_indices, losses = [], [], []
-        for q, layer in enumerate(self.layers[:active]):
-            stage_inputs.append(residual.detach())
-            if ce_mode:
-                e, loss = layer(residual, indices=indices[..., q].reshape(flat.shape[:-1]), **stage_kwargs)
-            else:
-                e, idx, *loss = layer(residual, **stage_kwargs)  # (quantized, indices[, loss]): FSQ has no loss
-                stage_indices.append(idx.long().reshape(*x.shape[:-1], *idx.shape[flat.dim() - 1 :]))
-                loss = loss[0] if loss else flat.new_zeros(())
-            if self.stack_estimator is not None:
-                e = e.detach()  # the stack's one estimator below carries the output's gradient
-            residual = residual - frac_gradient(e, self.quant_grad_frac)
-            quantized = e if quantized is None else quantized + e
-            losses.append(loss)
+        if beam_size is not None and positive_int(beam_size, "beam_size") > 1 and not ce_mode:
+            quantized, stage_indices, losses, stage_inputs = self._beam_stages(
+                flat, active, beam_size, mask, stage_kwargs
+            )
+        else:
+            quantized, stage_indices, losses, stage_inputs = self._greedy_stages(flat, active, indices, stage_kwargs)
+        stage_indices = [idx.long().reshape(*x.shape[:-1], *idx.shape[flat.dim() - 1 :]) for idx in stage_indices]
         self._after_stages(stage_inputs, mask)
 
         quantized = self._output_estimator(flat, quantized)
@@ -278,6 +365,95 @@ class ResidualStack(nn.Module):
         if not return_all_codes:
             return ResidualVQOutput(out, all_indices, stage_losses)
         return ResidualVQOutputWithCodes(out, all_indices, stage_losses, self.get_codes_from_indices(all_indices))
+
+    def _greedy_stages(
+        self, flat: Tensor, active: int, indices: Tensor | None, stage_kwargs: dict[str, Any]
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+        """Run stages 0 .. active - 1, each on the residual the ones before it left (module docstring).
+
+        Args:
+            flat: (B, [N,] codebook_dim) the stack's input in the residual space.
+            active: number of leading stages to run.
+            indices: (..., Q) target codes (cross-entropy mode) or None.
+            stage_kwargs: keywords every stage's forward gets.
+
+        Returns:
+            (sum of the stages' outputs like ``flat``, each stage's indices (none in cross-entropy
+            mode), each stage's loss, each stage's detached residual input).
+        """
+        residual, quantized = flat, None
+        stage_inputs, stage_indices, losses = [], [], []
+        for q, layer in enumerate(self.layers[:active]):
+            stage_inputs.append(residual.detach())
+            kwargs = self._stage_codebook(q, quantized) | stage_kwargs
+            if indices is not None:
+                e, loss = layer(residual, indices=indices[..., q].reshape(flat.shape[:-1]), **kwargs)
+            else:
+                e, idx, *loss = layer(residual, **kwargs)  # (quantized, indices[, loss]): FSQ has no loss
+                stage_indices.append(idx)
+                loss = loss[0] if loss else flat.new_zeros(())
+            if self.stack_estimator is not None:
+                e = e.detach()  # the stack's one estimator below carries the output's gradient
+            residual = residual - frac_gradient(e, self.quant_grad_frac)
+            quantized = e if quantized is None else quantized + e
+            losses.append(loss)
+        return quantized, stage_indices, losses, stage_inputs
+
+    def _beam_stages(
+        self, flat: Tensor, active: int, beam_size: int, mask: Tensor | None, stage_kwargs: dict[str, Any]
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+        """Beam search over the stages' codes (the peer's ``is_beam_search`` branch; ``Beam``).
+
+        Each stage proposes its ``beam_size`` best codes for every kept candidate (its forward with
+        ``topk``); a candidate's score is minus the weighted sum of its stages' per-vector losses, and
+        the ``beam_size`` best candidates per position go on (one after the last active stage). In
+        training the chosen codes then update each stage's codebook (``update_indices``) unless frozen.
+
+        Args:
+            flat: (B, [N,] codebook_dim) the stack's input in the residual space.
+            active: number of leading stages to run.
+            beam_size: candidates kept per position between stages (>= 2).
+            mask: (B, N) bool, True = valid, or None.
+            stage_kwargs: keywords every stage's forward gets (``mask`` is replaced per stage).
+
+        Returns:
+            as ``_greedy_stages``; the losses are the chosen candidate's per-vector losses averaged
+            over the valid positions.
+
+        Raises:
+            ValueError: a stage without ``topk`` / ``update_indices`` support (VectorQuantizer's).
+        """
+        if self.num_quantizers > 1 and self._stage_codebook(1, flat):
+            raise NotImplementedError("beam search with an implicit neural codebook is not implemented in fastvq")
+        if not all(hasattr(layer, "update_indices") for layer in self.layers[:active]):
+            raise ValueError("beam search needs stages with forward topk= and update_indices (VectorQuantizer)")
+        beam = Beam(flat)
+        kwargs = {key: value for key, value in stage_kwargs.items() if key != "mask"}
+        for q, layer in enumerate(self.layers[:active]):
+            residual = beam.residual  # (*P, j, cd)
+            stage_in, stage_mask = _beam_as_sequence(residual, mask)
+            e, idx, loss = layer(stage_in, mask=stage_mask, topk=beam_size, **kwargs)
+            k = idx.shape[-1]
+            e = e.reshape(*residual.shape[:-1], k, residual.shape[-1])  # (*P, j, k, cd)
+            if self.stack_estimator is not None:
+                e = e.detach()
+            idx, loss = idx.reshape(*residual.shape[:-1], k), loss.reshape(*residual.shape[:-1], k)  # (*P, j, k)
+            beam.extend(e, frac_gradient(e, self.quant_grad_frac), idx, loss, self.beam_score_weights[q])
+            beam.keep(1 if q == active - 1 else beam_size)
+        quantized, indices, per_vector, inputs = beam.best()  # (*P, cd), (*P, L), (*P, L), (*P, L, cd)
+        losses = list(_average_over_valid(per_vector, mask).unbind(-1))
+        stage_indices, stage_inputs = list(indices.unbind(-1)), list(inputs.unbind(-2))
+        if self.training:
+            freeze_all = bool(stage_kwargs.get("freeze_codebook"))
+            for layer, rows, idx in zip(self.layers[:active], stage_inputs, stage_indices, strict=True):
+                if not (freeze_all or getattr(layer, "freeze_codebook", False)):
+                    layer.update_indices(rows, idx, mask=mask)
+        return quantized, stage_indices, losses, stage_inputs
+
+    def _stage_codebook(self, q: int, quantized: Tensor | None) -> dict[str, Any]:
+        """Extra keywords of stage q's forward given the sum of the earlier stages' codes (ResidualVQ's
+        implicit neural codebook); none here."""
+        return {}
 
     def _check_target_indices(self, indices: Tensor, x: Tensor) -> Tensor:
         """The cross-entropy targets (..., Q) as int64, checked (no -1: every stage needs one)."""
@@ -385,8 +561,16 @@ class ResidualVQ(ResidualStack):
             "straight_through" or "rotation_trick" (one estimator from x to the sum of the codes).
         accept_image_fmap, channel_last: input layouts, as VectorQuantizer. The stack converts once
             and runs its stages channel-last.
-        implicit_neural_codebook, mlp_kwargs, beam_size, eval_beam_size, beam_score_quantizer_weights:
-            the peer's QINCo and beam search, not implemented: accepted at their defaults only.
+        beam_size, eval_beam_size: beam search over the stages' codes in training / eval mode (None or
+            1: greedy; eval_beam_size defaults to beam_size and needs it). In training the chosen
+            codes update the codebooks (``update_indices``) unless frozen.
+        beam_score_quantizer_weights: per-stage weights of the losses in the beam score. Default 1.
+        implicit_neural_codebook: QINCo (Huijben et al. 2024): stage q > 0 searches its codes
+            transformed by an MLP conditioned on the sum of the earlier stages' codes, per position
+            (``implicit_codebook.ImplicitCodebookMLP``, keys ``mlps.<q-1>.*``); codes and MLPs are
+            trained by gradient (the stages get ``learnable_codebook=True, ema_update=False``).
+            Dense by nature: O(B N K codebook_dim) memory per stage. Not with beam search.
+        mlp_kwargs: the MLPs' ``dim_hidden``, ``depth`` (default 4).
         **vq_kwargs: passed to every stage's ``VectorQuantizer`` (commitment_weight, rotation_trick,
             ema_update, decay, kmeans_init, threshold_ema_dead_code, use_cosine_sim, backend, ...).
 
@@ -396,7 +580,7 @@ class ResidualVQ(ResidualStack):
     Raises:
         ValueError: bad sizes or option combinations (in ``__init__``, including the stages'
         own checks); input of the wrong shape.
-        NotImplementedError: beam search or implicit neural codebooks asked for.
+        NotImplementedError: beam search with an implicit neural codebook (in forward).
     """
 
     def __init__(
@@ -430,14 +614,16 @@ class ResidualVQ(ResidualStack):
         codebook_dim = dim if codebook_dim is None else int_at_least(codebook_dim, "codebook_dim", 1)
         if heads != 1 or vq_kwargs.get("heads", 1) != 1:
             raise ValueError(f"ResidualVQ supports heads=1 only, got heads={heads!r}")
-        _check_unimplemented(implicit_neural_codebook, beam_size, eval_beam_size)
         if beam_score_quantizer_weights is not None and len(beam_score_quantizer_weights) != len(sizes):
             raise ValueError(
                 f"beam_score_quantizer_weights needs one weight per stage ({len(sizes)}), "
                 f"got {len(beam_score_quantizer_weights)}"
             )
+        _check_beam_sizes(beam_size, eval_beam_size)
         if shared_codebook and len(set(sizes)) != 1:
             raise ValueError(f"shared_codebook=True needs equal codebook sizes, got {sizes}")
+        if implicit_neural_codebook:  # the peer's: codes and MLPs trained by gradient
+            vq_kwargs = vq_kwargs | {"learnable_codebook": True, "ema_update": False}
         stage_kwargs = _stage_kwargs(
             vq_kwargs, shared_codebook, diveq, stack_estimator, return_zeros_for_masked_padding
         )
@@ -453,6 +639,7 @@ class ResidualVQ(ResidualStack):
             channel_last=channel_last,
             accept_image_fmap=accept_image_fmap,
             return_zeros_for_masked_padding=return_zeros_for_masked_padding,
+            beam_score_quantizer_weights=beam_score_quantizer_weights,
         )
         if diveq and stack_estimator is not None:
             raise ValueError(f"diveq=True sets the output's gradient itself: stack_estimator must be None, "
@@ -460,10 +647,14 @@ class ResidualVQ(ResidualStack):
         self.diveq = bool(diveq)
         self.shared_codebook = bool(shared_codebook)
         self.uniform_codebook_size = len(set(sizes)) == 1
-        self.implicit_neural_codebook = False
+        self.implicit_neural_codebook = bool(implicit_neural_codebook)
+        if implicit_neural_codebook:  # one MLP per stage after the first, keys mlps.<q - 1>.* as the peer's
+            cosine = self.layers[0].use_cosine_sim
+            self.mlps = nn.ModuleList(
+                ImplicitCodebookMLP(codebook_dim, l2norm_output=cosine, **(mlp_kwargs or {}))
+                for _ in range(len(sizes) - 1)
+            )
         self.beam_size, self.eval_beam_size = beam_size, eval_beam_size if eval_beam_size is not None else beam_size
-        weights = beam_score_quantizer_weights or [1.0] * len(sizes)
-        self.register_buffer("beam_score_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         if shared_codebook:
             first = self.layers[0]
             for layer in self.layers[1:]:
@@ -491,18 +682,50 @@ class ResidualVQ(ResidualStack):
 
         ``sample_codebook_temp`` and ``freeze_codebook`` go to every stage (``freeze_codebook=False``
         leaves each stage's own constructor setting; True freezes every stage for this call);
-        ``beam_size`` > 1 (beam search) raises NotImplementedError; ``generator`` (fastvq) drives
+        ``beam_size`` overrides the constructor's beam width for this call; ``generator`` (fastvq) drives
         the quantize-dropout draw when no seed is given.
         """
         beam = beam_size if beam_size is not None else (self.beam_size if self.training else self.eval_beam_size)
-        _check_unimplemented(False, beam, None)
         if indices is not None and self.accept_image_fmap:
             raise ValueError("indices (cross-entropy mode) cannot be combined with accept_image_fmap=True")
         stage_kwargs = {"sample_codebook_temp": sample_codebook_temp, "freeze_codebook": freeze_codebook or None}
         return super().forward(
             x, mask, indices, return_all_codes,
-            rand_quantize_dropout_fixed_seed=rand_quantize_dropout_fixed_seed, generator=generator, **stage_kwargs,
+            rand_quantize_dropout_fixed_seed=rand_quantize_dropout_fixed_seed, generator=generator, beam_size=beam,
+            **stage_kwargs,
         )
+
+    def _stage_codebook(self, q: int, quantized: Tensor | None) -> dict[str, Any]:
+        """Stage q > 0 of an implicit neural codebook searches codes conditioned on ``quantized``."""
+        if not self.implicit_neural_codebook or q == 0:
+            return {}
+        return {"codebook_transform_fn": partial(self.mlps[q - 1], condition=quantized)}
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """As ``ResidualStack.get_codes_from_indices``; with an implicit neural codebook each stage's
+        codes are conditioned on the sum of the earlier stages' codes (dense: O(N K D) per stage)."""
+        if not self.implicit_neural_codebook:
+            return super().get_codes_from_indices(indices)
+        check_indices(indices, max(self.codebook_sizes), low=-1)
+        if indices.dim() < 2 or not 1 <= indices.shape[-1] <= self.num_quantizers:
+            raise ValueError(
+                f"indices must be (B, ..., Q) with 1 <= Q <= num_quantizers = {self.num_quantizers}, "
+                f"got shape {tuple(indices.shape)}"
+            )
+        codes, total = [], None
+        for q, layer in enumerate(self.layers):
+            idx = indices[..., q] if q < indices.shape[-1] else torch.full_like(indices[..., 0], -1)
+            if q == 0:
+                code = layer.get_output_from_indices(idx.clamp_min(0))
+            else:
+                books = self.mlps[q - 1](layer._unit(layer._codebook.embed[0]), condition=total)  # (B, N', K, cd)
+                books = books.reshape(*idx.shape, *books.shape[-2:])
+                code = books.gather(-2, idx.clamp_min(0)[..., None, None].expand(*idx.shape, 1, books.shape[-1]))
+                code = code.squeeze(-2)
+            code = torch.where((idx >= 0).unsqueeze(-1), code, torch.zeros((), dtype=code.dtype, device=code.device))
+            total = code if total is None else total + code
+            codes.append(code)
+        return torch.stack(codes)
 
     def _after_stages(self, stage_inputs: list[Tensor], mask: Tensor | None) -> None:
         """Shared codebook in training: apply the EMA statistics all stages gathered, once, and revive
@@ -550,18 +773,13 @@ def _stage_sizes(codebook_size: int | tuple[int, ...], num_quantizers: int | Non
     return (codebook_size,) * int_at_least(num_quantizers, "num_quantizers", 1)
 
 
-def _check_unimplemented(implicit_neural_codebook: bool, beam_size: int | None, eval_beam_size: int | None) -> None:
-    """The peer's QINCo and beam search are not implemented: raise naming them at non-default values."""
-    if implicit_neural_codebook:
-        raise NotImplementedError(
-            "ResidualVQ: vector-quantize-pytorch's option implicit_neural_codebook=True is not implemented in fastvq"
-        )
+def _check_beam_sizes(beam_size: int | None, eval_beam_size: int | None) -> None:
+    """Beam widths are None or ints >= 1, and eval_beam_size needs beam_size (as the peer's assert)."""
     for name, value in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
-        if value is not None and value > 1:
-            raise NotImplementedError(
-                f"ResidualVQ: vector-quantize-pytorch's option {name}={value!r} (beam search) is not implemented "
-                "in fastvq (only None or 1 is accepted)"
-            )
+        if value is not None:
+            positive_int(value, name)
+    if eval_beam_size is not None and beam_size is None:
+        raise ValueError(f"eval_beam_size={eval_beam_size!r} needs beam_size (the training beam), got None")
 
 
 def _stage_kwargs(

@@ -1,8 +1,8 @@
 """VectorQuantizer (alias VectorQuantize): vector-quantize-pytorch's VectorQuantize, drop-in.
 
 The same constructor and forward keywords, defaults, returns and state_dict keys as the peer's
-release 1.32. The one peer keyword not implemented (forward ``codebook_transform_fn``, the implicit
-neural codebook) is accepted at its default and raises NotImplementedError otherwise.
+release 1.32. Forward ``codebook_transform_fn`` (the implicit neural codebook of ResidualVQ) gives
+every position its own codebook: dense by nature, O(B N K D) memory, as the peer's.
 
 A composition of parts: layouts and masks (layout.py); assignment (assignment.py: the nearest code
 through the fused op, or the peer's stochastic sampling in bounded-memory chunks, sampling.py);
@@ -42,7 +42,6 @@ from fastvq.quantizers.layout import (
 )
 from fastvq.quantizers.output import LossBreakdown, QuantizerOutput, QuantizerOutputWithBreakdown
 from fastvq.quantizers.peer_options import (
-    UNSUPPORTED_FORWARD_OPTIONS,
     UNSUPPORTED_OPTIONS,
     check_peer_combinations,
     check_unsupported,
@@ -329,11 +328,12 @@ class VectorQuantizer(nn.Module):
         ``topk``: the topk best codes per vector, as the peer (heads=1; no codebook update):
         quantized (..., k, dim), indices (..., k), and in eval mode a per-vector loss (..., k).
         ``indices`` given: returns ``(quantized, cross_entropy)``, the peer's cross-entropy of the
-        logits against those codes (padding excluded). ``codebook_transform_fn`` raises
-        NotImplementedError at a non-default value.
+        logits against those codes (padding excluded). ``codebook_transform_fn``: per-position
+        codebooks (the implicit neural codebook, QINCo): called with the codes (1, K, cd), returns
+        (1, B, N, K, cd) for (B, N, dim) input (``_transformed_forward``; dense, O(B N K cd) memory).
         """
         where = f"{type(self).__name__}.forward"
-        check_unsupported(where, {"codebook_transform_fn": codebook_transform_fn}, UNSUPPORTED_FORWARD_OPTIONS)
+        self._check_transform(codebook_transform_fn, topk, indices)
         skip_ema = skips_ema_update(where, ema_update, self.ema_update, bool(self.threshold_ema_dead_code))
         check_float_tensor(x, "x", min_dim=2)
         topk = self._check_topk(topk)
@@ -357,6 +357,8 @@ class VectorQuantizer(nn.Module):
         books, weights = self._search_books(freeze, update)
         if topk is not None:
             return self._topk_forward(x, x_last, z, books, topk, temperature, mask)
+        if codebook_transform_fn is not None:
+            return self._transformed_forward(x, x_last, z, books, weights, codebook_transform_fn, mask, update)
 
         zq, codes, idx, loss = self._assign(rows, books, weights, temperature)
         inplace_loss = torch.zeros((), device=x.device)
@@ -490,6 +492,72 @@ class VectorQuantizer(nn.Module):
         target = target.reshape(*rows.shape[:-1]) if mask is None else target[mask]
         return self.aux.cross_entropy_commitment(rows, books, target.long(), self.use_cosine_sim)
 
+    def _check_transform(self, fn: Any, topk: int | None, indices: Tensor | None) -> None:
+        """ValueError where per-position codebooks meet an option that assumes one shared codebook."""
+        if fn is None:
+            return
+        if not callable(fn):
+            raise TypeError(f"codebook_transform_fn must be callable, got {type(fn).__name__}")
+        if self.heads != 1 or topk is not None or indices is not None or self.stochastic_sample_codes or (
+            self.straight_through or self.in_place_codebook_optimizer is not None or self.aux.needs_learnable_codes
+            or self.aux.codebook_diversity_loss_weight > 0
+        ):
+            raise ValueError(
+                "codebook_transform_fn needs heads=1, no topk or indices, no stochastic sampling, in-place "
+                "optimizer, cross-entropy commitment or diversity loss"
+            )
+
+    def _transformed_forward(
+        self, x: Tensor, x_last: Tensor, z: Tensor, books: Tensor, weights: tuple[float, float], fn: Any,
+        mask: Tensor | None, update: bool,
+    ) -> QuantizerOutput:
+        """Quantize each position against its own codebook ``fn(books)`` (the peer's codebook_transform_fn).
+
+        Args:
+            x, x_last: the input as given and channel-last. z: (B, ..., 1, cd) the projected rows.
+            books: (1, K, cd) the codes the search would see. weights: (commitment, codebook) weights.
+            fn: books -> (1, B, N, K, cd) per-position codes (B, N: z's leading axes).
+            mask: (B, N) bool or None. update: whether this call updates the codebook's statistics.
+
+        Returns:
+            QuantizerOutput(quantized like x, indices z's leading shape (-1 where masked), 0-d loss).
+
+        Raises:
+            ValueError: fn returned a tensor of the wrong size.
+        """
+        rows = z.squeeze(-2)  # (B, N, cd)
+        per_row = fn(books)
+        expected = rows.numel() * books.shape[-2]
+        if not isinstance(per_row, Tensor) or per_row.numel() != expected or per_row.shape[-1] != rows.shape[-1]:
+            got = tuple(per_row.shape) if isinstance(per_row, Tensor) else type(per_row).__name__
+            raise ValueError(f"codebook_transform_fn must return (1, {', '.join(map(str, rows.shape[:-1]))}, "
+                             f"{books.shape[-2]}, {rows.shape[-1]}) per-position codes, got {got}")
+        per_row = self._unit(per_row.reshape(*rows.shape[:-1], *books.shape[-2:]))  # (B, N, K, cd)
+        with torch.no_grad():  # the search: squared distances (cosine: the largest dot product)
+            rows32, codes32 = rows.float().unsqueeze(-2), per_row.float()
+            if self.use_cosine_sim:
+                idx = (rows32 * codes32).sum(-1).argmax(-1)
+            else:
+                idx = (rows32 - codes32).pow(2).sum(-1).argmin(-1)  # (B, N)
+        codes = per_row.gather(-2, idx[..., None, None].expand(*idx.shape, 1, rows.shape[-1])).squeeze(-2)
+        valid_rows, valid_codes = (rows, codes) if mask is None else (rows[mask], codes[mask])
+        loss = assignment.code_losses(valid_rows, valid_codes, *weights)
+        if self.training:  # the straight-through value; the estimator decides where gradients go
+            zq = self._estimate(rows, codes.detach() + (rows - rows.detach()), codes, books, idx, x.requires_grad)
+        else:
+            zq = codes
+        if update:
+            codebook.update_books_(self._codebook, self.updater, valid_rows.detach().unsqueeze(-2),
+                                   idx.unsqueeze(-1) if mask is None else idx[mask].unsqueeze(-1))
+        loss, _ = self._losses(z, valid_rows.unsqueeze(-2), books, idx.unsqueeze(-1), loss, weights,
+                               torch.zeros((), device=x.device))
+        if mask is not None:
+            idx = idx.masked_fill(~mask, -1)
+        out = self.project_out(zq)
+        if mask is not None:
+            out = fill_padding(out, x_last, mask, self.return_zeros_for_masked_padding)
+        return QuantizerOutput(from_channel_last(out.to(x.dtype), self.channel_last), idx, loss)
+
     def _check_topk(self, topk: int | None) -> int | None:
         """``topk`` clipped to K, as the peer; ValueError where the peer refuses it."""
         if topk is None:
@@ -524,7 +592,11 @@ class VectorQuantizer(nn.Module):
             idx = idx.masked_fill(~mask.reshape(*mask.shape, *([1] * (idx.dim() - mask.dim()))), -1)
         if self.training:
             codes = rotate_to(rows, codes) if self.rotation_trick else codes.detach() + (rows - rows.detach())
-        loss = self.commitment_weight * per_vector
+        has_commitment = self.commitment_weight > 0 and not self.directional_reparam
+        if has_commitment:
+            loss = self.commitment_weight * per_vector
+        else:  # the peer scores candidates by the unweighted error in eval, and has no loss in training
+            loss = per_vector if not self.training else per_vector.new_zeros(())
         out = self.project_out(codes)  # (B, ..., k, dim)
         if mask is not None:
             fill = torch.zeros_like(x_last) if self.return_zeros_for_masked_padding else x_last

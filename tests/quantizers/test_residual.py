@@ -9,6 +9,7 @@ import torch
 from fastvq.quantizers.gradients import rotate_to
 from fastvq.quantizers.output import ResidualVQOutput
 from fastvq.quantizers.residual import ResidualVQ
+from fastvq.quantizers.vector_quantizer import VectorQuantizer
 
 # Gradient-trained stages (the stages' defaults are vector-quantize-pytorch's EMA codebooks): for tests
 # about the stack rather than about how a codebook learns.
@@ -256,6 +257,8 @@ def test_state_dict_round_trip():
         (dict(dim=4, codebook_size=8, num_quantizers=2, quant_grad_frac=1.5), "quant_grad_frac must be"),
         (dict(dim=4, codebook_size=8, num_quantizers=2, quantize_dropout_multiple_of=0), "quantize_dropout_multiple"),
         (dict(dim=4, codebook_size=8, num_quantizers=2, beam_score_quantizer_weights=[1.0]), "one weight per stage"),
+        (dict(dim=4, codebook_size=8, num_quantizers=2, eval_beam_size=3), "eval_beam_size=3 needs beam_size"),
+        (dict(dim=4, codebook_size=8, num_quantizers=2, beam_size=0), "beam_size"),
         (dict(dim=4, codebook_size=8, num_quantizers=2, diveq=True, ema_update=True), "diveq"),
         (dict(dim=4, codebook_size=8, num_quantizers=2, commitment_weight=-1.0), "commitment_weight"),
         (dict(dim=4, codebook_size=8, num_quantizers=2, accept_image_fmap=True, channel_last=True), "accept_image"),
@@ -266,20 +269,82 @@ def test_bad_constructor_arguments(kwargs, match):
         ResidualVQ(**kwargs)
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(implicit_neural_codebook=True), "implicit_neural_codebook"),
-        (dict(beam_size=2), "beam_size=2"),
-        (dict(beam_size=1, eval_beam_size=3), "eval_beam_size=3"),
-    ],
-)
-def test_unimplemented_peer_options_raise_naming_themselves(kwargs, match):
-    with pytest.raises(NotImplementedError, match=match):
-        ResidualVQ(4, 8, 2, **kwargs)
-    rvq = ResidualVQ(4, 8, 2, beam_size=1, backend="torch")  # beam size 1 is no beam search, as the peer's
-    with pytest.raises(NotImplementedError, match="beam_size=4"):
-        rvq(torch.randn(2, 3, 4), beam_size=4)
+def test_unimplemented_peer_options_raise_naming_themselves():
+    rvq = ResidualVQ(4, 8, 2, implicit_neural_codebook=True, beam_size=2, backend="torch")
+    with pytest.raises(NotImplementedError, match="beam search with an implicit neural codebook"):
+        rvq(torch.randn(2, 3, 4))
+
+
+def _qinco_reference(x: torch.Tensor, rvq: ResidualVQ):
+    """QINCo in fp64 from the paper's formula, per position: stage q > 0 searches
+    c_k' = f(W [x_hat ; c_k] + b), f = residual blocks h + L2(SiLU(L1(h))), x_hat = sum of earlier codes.
+    Returns (indices (P, Q), quantized (P, D))."""
+    rows = x.double().reshape(-1, x.shape[-1])
+    indices, total = [], torch.zeros_like(rows)
+    for q, layer in enumerate(rvq.layers):
+        book = layer.codebook.detach().double()  # (K, D)
+        if q == 0:
+            per_row = book.expand(rows.shape[0], *book.shape)  # (P, K, D)
+        else:
+            mlp = rvq.mlps[q - 1]
+            w, b = mlp.proj_in.weight.detach().double(), mlp.proj_in.bias.detach().double()
+            pairs = torch.cat((total[:, None, :].expand(-1, book.shape[0], -1), book.expand(rows.shape[0], -1, -1)), -1)
+            h = pairs @ w.T + b
+            for block in mlp.layers:
+                l1, l2 = block[0], block[2]
+                inner = torch.nn.functional.silu(h @ l1.weight.detach().double().T + l1.bias.detach().double())
+                h = h + inner @ l2.weight.detach().double().T + l2.bias.detach().double()
+            per_row = h
+        idx = (rows - total)[:, None, :].sub(per_row).pow(2).sum(-1).argmin(-1)
+        total = total + per_row[torch.arange(rows.shape[0]), idx]
+        indices.append(idx)
+    return torch.stack(indices, -1), total
+
+
+@pytest.mark.parametrize("mlp_kwargs", [None, dict(dim_hidden=7, depth=2)])
+def test_implicit_neural_codebook_matches_fp64_reference(mlp_kwargs):
+    torch.manual_seed(0)
+    rvq = ResidualVQ(5, 9, 3, implicit_neural_codebook=True, mlp_kwargs=mlp_kwargs, backend="torch").eval()
+    assert len(rvq.mlps) == 2 and all(not layer.ema_update and layer.learnable_codebook for layer in rvq.layers)
+    x = torch.randn(3, 7, 5)
+    q, idx, _ = rvq(x)
+    ref_idx, ref_q = _qinco_reference(x, rvq)
+    assert torch.equal(idx.reshape(-1, 3), ref_idx)
+    torch.testing.assert_close(q.reshape(-1, 5).double(), ref_q, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rvq.get_output_from_indices(idx), q, rtol=0, atol=1e-6)
+    coarse = rvq.get_codes_from_indices(idx[..., :2])  # missing fine stages decode to zero codes
+    assert bool((coarse[2] == 0).all())
+
+
+def test_implicit_neural_codebook_trains_codes_and_mlps_by_gradient():
+    torch.manual_seed(1)
+    rvq = ResidualVQ(4, 6, 2, implicit_neural_codebook=True, backend="torch").train()
+    x = torch.randn(2, 9, 4, requires_grad=True)
+    q, _, losses = rvq(x)
+    (q.square().sum() + losses.sum()).backward()
+    grads = [p.grad for p in (x, *rvq.mlps.parameters(), *(layer._codebook.embed for layer in rvq.layers))]
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_codebook_transform_fn_is_a_per_position_codebook():
+    # An affine transform per position of the (1, K, D) codes: the search must use each position's own codes.
+    torch.manual_seed(2)
+    vq = VectorQuantizer(3, 8, codebook_init="normal", backend="torch").eval()
+    x = torch.randn(2, 5, 3)
+    scale = torch.rand(2, 5, 1, 1) + 0.5
+
+    def per_position(codes):  # (1, K, D) -> (1, B, N, K, D)
+        return codes[:, None, None] * scale
+
+    q, idx, _ = vq(x, codebook_transform_fn=per_position)
+    books = (vq.codebook.detach().double()[None, None] * scale.double())  # (B, N, K, D)
+    ref = (x.double()[..., None, :] - books).pow(2).sum(-1).argmin(-1)
+    assert torch.equal(idx, ref)
+    torch.testing.assert_close(q.double(), books.gather(-2, ref[..., None, None].expand(2, 5, 1, 3)).squeeze(-2))
+    with pytest.raises(ValueError, match="per-position codes"):
+        vq(x, codebook_transform_fn=lambda codes: codes)
+    with pytest.raises(ValueError, match="no topk"):
+        vq(x, codebook_transform_fn=per_position, topk=2)
 
 
 def test_bad_inputs():

@@ -53,14 +53,14 @@ def test_alias_and_defaults():
     assert not learnable.ema_update and learnable.codebook_weight == learnable.commitment_weight
 
 
-def test_unimplemented_peer_keywords_raise_naming_them():
+def test_unimplemented_and_misused_peer_keywords_raise_naming_them():
     with pytest.raises(NotImplementedError, match="sync_affine_param"):
         VectorQuantize(dim=4, codebook_size=8, sync_affine_param=True)
     VectorQuantize(dim=4, codebook_size=8, sync_affine_param=False)  # the default passes
     with pytest.raises(TypeError, match="not_a_keyword"):
         VectorQuantize(dim=4, codebook_size=8, not_a_keyword=1)
     vq = VectorQuantize(dim=4, codebook_size=8)
-    with pytest.raises(NotImplementedError, match="codebook_transform_fn"):
+    with pytest.raises(ValueError, match="per-position codes"):  # the transform must give per-position codebooks
         vq(torch.randn(2, 3, 4), codebook_transform_fn=lambda e: e)
 
 
