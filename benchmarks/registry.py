@@ -7,6 +7,7 @@ once, or raises ``Unavailable`` with the reason it cannot (not installed, needs 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,7 +45,21 @@ SHAPES = {
 }
 CPU_GRID = ("cpu-small", "cpu-large")
 GPU_GRID = ("A", "B", "C")
-OPS = ("search", "forward", "train_step", "ema_update", "vqvae_step")
+# vector-quantize-pytorch's options that need every row's distance to every code
+# (fastvq/quantizers/sampling.py): each is a training step (forward + backward) of a layer built
+# with these keywords on both sides, the peer's defaults otherwise (EMA codebook, rotation trick).
+OPTION_OPS = {
+    "train_step_sample": {"stochastic_sample_codes": True, "sample_codebook_temp": 1.0},
+    "train_step_ce": {"commitment_use_cross_entropy_loss": True},
+    "train_step_diversity": {"codebook_diversity_loss_weight": 0.1},
+}
+OPS = ("search", "forward", "train_step", "ema_update", "vqvae_step", *OPTION_OPS)
+PEER = "vector-quantize-pytorch"
+# The option ops feed (B, N / B, D) sequences: the peer's cross-entropy commitment fails on (N, D)
+# input (its 2-D path drops the axis its cross-entropy expects), and its diversity loss averages
+# the code distribution over the batch axis per position. B = gcd(N, 16): 16 sequences of 1024
+# tokens at the CPU shapes.
+OPTION_BATCH = 16
 VQVAE_BATCH = 32  # 32x32 images; the tiny VQ-VAE has 8x8 latents: 2048 vectors of D per step
 VQVAE_LATENTS = 64  # code vectors per image (8x8)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,16 +77,32 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
     return x, codebook
 
 
-def _vqtorch_layer(shape: Shape):
+def as_sequences(x: torch.Tensor) -> torch.Tensor:
+    """(N, D) rows as (B, N / B, D) sequences, B = gcd(N, OPTION_BATCH) (see OPTION_BATCH)."""
+    return x.view(math.gcd(x.shape[0], OPTION_BATCH), -1, x.shape[-1])
+
+
+def _vqtorch_layer(shape: Shape, **options):
     try:
         from vector_quantize_pytorch import VectorQuantize
     except ImportError as err:
         raise Unavailable("vector-quantize-pytorch is not installed (pip install '.[bench]')") from err
-    # Its defaults (EMA codebook, decay 0.8, commitment 1.0): what a user of it runs.
-    return VectorQuantize(dim=shape.d, codebook_size=shape.k)
+    # Its defaults (EMA codebook, decay 0.8, commitment 1.0) unless an option op sets a keyword:
+    # what a user of it runs.
+    return VectorQuantize(dim=shape.d, codebook_size=shape.k, **options)
+
+
+def _option_layer(op: str, provider: str, shape: Shape):
+    """The layer of an OPTION_OPS op: the same constructor keywords for the peer and for fastvq."""
+    if provider == PEER:
+        return _vqtorch_layer(shape, **OPTION_OPS[op])
+    backend = provider.removeprefix("fastvq-")
+    return fastvq.VectorQuantize(dim=shape.d, codebook_size=shape.k, backend=backend, **OPTION_OPS[op])
 
 
 def _layer(op: str, provider: str, shape: Shape):
+    if op in OPTION_OPS:
+        return _option_layer(op, provider, shape)
     ema = op == "ema_update"
     if provider == "textbook":  # what people write today: the dense N x K distance matrix
         return TextbookEMAVQ(shape.d, shape.k) if ema else TextbookVQ(shape.d, shape.k)
@@ -102,10 +133,10 @@ PROVIDERS = {
     "train_step": ("textbook", "vector-quantize-pytorch", "fastvq-torch", "fastvq-triton"),
     "ema_update": ("textbook", "vector-quantize-pytorch", "fastvq-torch", "fastvq-triton"),
     "vqvae_step": ("textbook", "fastvq-torch", "fastvq-triton"),
-}
+} | {op: (PEER, "fastvq-torch", "fastvq-triton") for op in OPTION_OPS}
 # The provider each row's speed-up is measured against.
 GEMM_PROVIDERS = ("gemm-floor", "gemm-compute")
-BASELINE = {op: "textbook" for op in OPS} | {"search": "naive-cdist"}
+BASELINE = {op: "textbook" for op in OPS} | {"search": "naive-cdist"} | {op: PEER for op in OPTION_OPS}
 
 
 def build(op: str, provider: str, shape: Shape, dtype: torch.dtype, device: str) -> Callable[[], object]:
@@ -131,6 +162,8 @@ def build(op: str, provider: str, shape: Shape, dtype: torch.dtype, device: str)
 
     # Layers run as in training: train mode, an input that requires grad (an encoder's output).
     layer = _layer(op, provider, shape).to(device=device, dtype=dtype).train()
+    if op in OPTION_OPS:
+        x = as_sequences(x)
     z = x.clone().requires_grad_(True)
     if op == "forward":
         return lambda: layer(z)
@@ -179,3 +212,96 @@ def _vqvae_step(provider: str, shape: Shape, dtype: torch.dtype, device: str) ->
         opt.step()
 
     return step
+
+
+# ------------------------------------------------------------------------------------------------
+# Same work on both sides: the loss of one training forward of the peer and of fastvq from one state
+
+PARITY_RTOL = 1e-4  # fp32 sums of N x K logits in another order; a wrong term is off by far more
+
+
+@dataclass(frozen=True)
+class Parity:
+    """The training loss of the peer and of fastvq on one input from one state.
+
+    ``compared`` is False where the two cannot draw the same codes (stochastic sampling over
+    several row chunks: fastvq draws the noise chunk by chunk); the values are then recorded only.
+    Rows given another code than the peer's are accepted when they are near-ties: fastvq's code
+    meets the numerics contract (fastvq.testing) against the fp64 distances, the peer's is the
+    fp32 ``cdist`` argmin, and the two differ only by rounding.
+    """
+
+    peer_loss: float
+    fastvq_loss: float
+    same_indices: float  # fraction of rows given the same code
+    compared: bool
+    other_codes_near_ties: bool = True  # rows given another code: fastvq's within the contract
+
+    @property
+    def rel_diff(self) -> float:
+        return abs(self.fastvq_loss - self.peer_loss) / max(abs(self.peer_loss), 1e-12)
+
+    @property
+    def ok(self) -> bool:
+        return not self.compared or (self.rel_diff <= PARITY_RTOL and self.other_codes_near_ties)
+
+    def __str__(self) -> str:
+        values = f"loss {self.fastvq_loss:.6g} vs peer {self.peer_loss:.6g}"
+        if not self.compared:
+            return f"not compared (stochastic draws over several chunks differ): {values}"
+        verdict = "same" if self.ok else "MISMATCH"
+        ties = "" if self.same_indices == 1.0 else (
+            " (the others near-ties)" if self.other_codes_near_ties else " (the others NOT near-ties)"
+        )
+        return f"{verdict}: {values}, rel. diff {self.rel_diff:.1e}, same indices {100 * self.same_indices:.2f}%{ties}"
+
+
+def peer_parity(op: str, shape: Shape, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                seed: int = 0) -> Parity:
+    """One training forward of the peer and of fastvq with ``op``'s keywords, from the same state.
+
+    The peer is built first (seeded); fastvq loads its state_dict strictly; both see the same
+    input (``make_inputs``, requiring grad) and the same global seed before the forward, so the
+    stochastic draw coincides where fastvq scores all rows in one chunk.
+
+    Args:
+        op: a key of OPTION_OPS.
+        shape: N rows of size D, K codes.
+        dtype, device: of the layers and the input.
+        seed: for the constructor, the input and the draw.
+
+    Returns:
+        A Parity (losses as floats, fraction of equal indices, whether the values are comparable).
+
+    Raises:
+        ValueError: op not in OPTION_OPS.
+        Unavailable: vector-quantize-pytorch is not installed.
+    """
+    if op not in OPTION_OPS:
+        raise ValueError(f"op must be one of {sorted(OPTION_OPS)}, got {op!r}")
+    from fastvq.quantizers.sampling import DEFAULT_BUDGET_BYTES, row_chunk
+
+    torch.manual_seed(seed)
+    peer = _vqtorch_layer(shape, **OPTION_OPS[op])
+    ours = fastvq.VectorQuantize(dim=shape.d, codebook_size=shape.k, **OPTION_OPS[op])
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x = as_sequences(make_inputs(shape, dtype, device, seed)[0])
+    books = ours.codebook.detach().clone()  # the state both start from (the forwards update it)
+    losses, indices = [], []
+    for layer in (peer, ours):
+        layer.to(device=device, dtype=dtype).train()
+        torch.manual_seed(seed + 1)
+        _, idx, loss = layer(x.clone().requires_grad_(True))
+        losses.append(float(loss.detach().sum()))
+        indices.append(idx.detach())
+    one_chunk = row_chunk(shape.k, DEFAULT_BUDGET_BYTES) >= shape.n
+    stochastic = OPTION_OPS[op].get("stochastic_sample_codes", False)
+    same = indices[0] == indices[1]
+    other = ~same.reshape(-1)
+    near_ties = True
+    if other.any() and not stochastic:
+        from fastvq.testing import contract_excess
+
+        rows, picks = x.reshape(-1, shape.d)[other], indices[1].reshape(-1)[other]
+        near_ties = bool((contract_excess(picks, rows, books.to(rows.dtype)) <= 1).all())
+    return Parity(losses[0], losses[1], same.double().mean().item(), one_chunk or not stochastic, near_ties)

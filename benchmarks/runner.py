@@ -17,7 +17,18 @@ from pathlib import Path
 
 import torch
 from fastvq.benchmarks import measure
-from fastvq.benchmarks.registry import BASELINE, GEMM_PROVIDERS, PROVIDERS, Shape, Unavailable, build, search_flops
+from fastvq.benchmarks.registry import (
+    BASELINE,
+    GEMM_PROVIDERS,
+    OPTION_OPS,
+    PEER,
+    PROVIDERS,
+    Shape,
+    Unavailable,
+    build,
+    peer_parity,
+    search_flops,
+)
 
 from fastvq import kernels
 
@@ -37,6 +48,7 @@ class Record:
     of_gemm: float | None = None  # search only: the faster GEMM's time / this time, same run
     speedup: float | None = None  # baseline time / this time
     status: str = "ok"
+    check: str | None = None  # option ops, fastvq rows: same loss as the peer from one state?
 
 
 def environment(device: str) -> dict:
@@ -95,7 +107,7 @@ def _estimated_bytes(op: str, provider: str, shape: Shape) -> int:
         return 0
     if provider.startswith("gemm"):
         return 4 * shape.n * shape.k
-    return 4 * shape.n * shape.k * (3 if op == "train_step" else 2)
+    return 4 * shape.n * shape.k * (3 if op.startswith("train_step") else 2)
 
 
 def run_grid(ops, shapes, dtypes, providers, device: str, repeats: int, max_bytes: int) -> list[Record]:
@@ -103,10 +115,13 @@ def run_grid(ops, shapes, dtypes, providers, device: str, repeats: int, max_byte
     for op in ops:
         for shape in shapes:
             for dtype_name, dtype in dtypes.items():
+                check = _parity(op, shape, dtype, device, providers)
                 for provider in PROVIDERS[op]:
                     if providers and provider not in providers and provider != BASELINE[op]:
                         continue
                     rec = Record(op, shape.name, shape.n, shape.k, shape.d, dtype_name, provider)
+                    if provider.startswith("fastvq"):
+                        rec.check = check
                     records.append(rec)
                     if _estimated_bytes(op, provider, shape) > max_bytes:
                         rec.status = f"skipped: needs ~{_estimated_bytes(op, provider, shape) / 2**30:.1f} GiB"
@@ -133,6 +148,21 @@ def run_grid(ops, shapes, dtypes, providers, device: str, repeats: int, max_byte
     del callables
     _derive(records)
     return records
+
+
+def _parity(op: str, shape: Shape, dtype, device: str, providers) -> str | None:
+    """For an option op timed against the peer: one check, before timing, that both compute the
+    same loss from the same state (registry.peer_parity); None for other ops."""
+    if op not in OPTION_OPS or (providers and not any(p.startswith("fastvq") for p in providers)):
+        return None
+    try:
+        return str(peer_parity(op, shape, dtype, device))
+    except Unavailable as why:
+        return f"not checked: {why}"
+    except (torch.OutOfMemoryError, MemoryError):
+        return "not checked: out of memory"
+    finally:
+        gc.collect()
 
 
 def _derive(records: list[Record]) -> None:
@@ -172,6 +202,15 @@ def table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
+def _checks(records: list[Record]) -> str:
+    """A markdown list of the peer checks, one per (op, shape, dtype); empty without any."""
+    seen = {(r.op, r.shape, r.dtype): r.check for r in records if r.check is not None}
+    if not seen:
+        return ""
+    lines = [f"- {op} | {shape} | {dtype}: {check}" for (op, shape, dtype), check in seen.items()]
+    return f"\nSame loss as {PEER} from one state (checked once per case, before timing):\n\n" + "\n".join(lines) + "\n"
+
+
 def save(records: list[Record], env: dict, shapes: list[Shape], out_dir: Path, tag: str) -> list[Path]:
     """Write <tag>.json (environment + every record), <tag>.md (the table) and <tag>.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +218,7 @@ def save(records: list[Record], env: dict, shapes: list[Shape], out_dir: Path, t
     payload = {"environment": env, "shapes": [asdict(s) for s in shapes], "records": [asdict(r) for r in records]}
     json_path.write_text(json.dumps(payload, indent=1) + "\n")
     env_line = ", ".join(f"{k}: {v}" for k, v in env.items())
-    md_path.write_text(f"# fastvq bench: {tag}\n\n{env_line}\n\n{table(records)}\n")
+    md_path.write_text(f"# fastvq bench: {tag}\n\n{env_line}\n\n{table(records)}\n{_checks(records)}")
     written = [json_path, md_path]
     if _chart(records, png_path):
         written.append(png_path)
