@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -20,8 +21,6 @@ from fastvq.distributed import all_reduce_sum_, is_distributed
 def optimizer_step_(optimizer: torch.optim.Optimizer, parameters: Iterable[Tensor]) -> None:
     """Average the parameters' gradients over ranks (if distributed), step, zero the gradients."""
     if is_distributed():
-        import torch.distributed as dist
-
         grads = [p.grad for p in parameters if p.grad is not None]
         if grads:
             all_reduce_sum_(*grads)
