@@ -29,7 +29,8 @@ def test_inplace_optimizer_steps_the_codes_towards_their_rows_then_searches_agai
     quantized, indices, loss, breakdown = vq(x, return_loss_breakdown=True)
     torch.testing.assert_close(vq.codebook.detach().double(), moved, atol=1e-6, rtol=1e-6)
     assert torch.equal(indices.reshape(-1), torch.cdist(rows, moved).argmin(-1))  # the second search
-    torch.testing.assert_close(breakdown.inplace_optimize.double(), (codes[idx] - rows).pow(2).mean(), rtol=1e-5, atol=0)
+    inplace_loss = (codes[idx] - rows).pow(2).mean()
+    torch.testing.assert_close(breakdown.inplace_optimize.double(), inplace_loss, rtol=1e-5, atol=0)
 
 
 def test_topk_returns_the_k_nearest_codes_best_first():
