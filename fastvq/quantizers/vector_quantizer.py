@@ -326,7 +326,7 @@ class VectorQuantizer(nn.Module):
         or a callable of the batch's (embed_sum, cluster_size)) weights this call's EMA step per
         code; ``accum_ema_update`` accumulates this call's statistics into the next update.
         ``topk``: the topk best codes per vector, as the peer (heads=1; no codebook update):
-        quantized (..., k, dim), indices (..., k), and in eval mode a per-vector loss (..., k).
+        quantized (..., k, dim), indices (..., k), and a per-vector loss (..., k).
         ``indices`` given: returns ``(quantized, cross_entropy)``, the peer's cross-entropy of the
         logits against those codes (padding excluded). ``codebook_transform_fn``: per-position
         codebooks (the implicit neural codebook, QINCo): called with the codes (1, K, cd), returns
