@@ -114,7 +114,7 @@ def sampled(
     shared = books.shape[0] == 1
     parts = [z.reshape(-1, dim)] if shared else [z[..., h, :].reshape(-1, dim) for h in range(heads)]
     codes, indices = [], []
-    for book, rows in zip(books if not shared else books[:1], parts, strict=True):
+    for book, rows in zip(books, parts, strict=True):  # one book when shared: one call over every head
         idx = sampling.sample_codes(
             rows.detach(), book.detach(), temperature, stochastic=stochastic, use_cosine_sim=use_cosine_sim, topk=topk
         )

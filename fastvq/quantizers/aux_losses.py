@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fastvq.checks import check_weight, positive_float, positive_int
 from fastvq.quantizers import regularizers, sampling
+from fastvq.quantizers.codebook import rows_per_book
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,6 @@ class AuxiliaryLosses:
 
 def _per_book(rows: Tensor, books: Tensor, idx: Tensor):
     """(rows (M', D), book (K, D), idx (M',)) per codebook: all heads for a shared book, else one head each."""
-    if books.shape[0] == 1:
-        yield rows.reshape(-1, rows.shape[-1]), books[0], idx.reshape(-1)
-        return
-    for h in range(books.shape[0]):
-        yield rows[..., h, :].reshape(-1, rows.shape[-1]), books[h], idx[..., h].reshape(-1)
+    count = books.shape[0]
+    targets = [t.reshape(-1) for t in rows_per_book(idx.unsqueeze(-1), count)]
+    return zip(rows_per_book(rows, count), books, targets, strict=True)
